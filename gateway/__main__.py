@@ -1,0 +1,5 @@
+"""``python -m gateway`` is ``fedgw``."""
+
+from gateway.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The gateway's HTTP APIs (FastAPI): the local API for workloads of this domain."""

@@ -1,0 +1,46 @@
+"""The local API app factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from fedgw import __version__
+from gateway.api.errors import install_error_handlers
+from gateway.api.limits import BodyLimit
+from gateway.api.routes import endpoints, events, health, services
+from gateway.runtime import Gateway
+from gateway.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> FastAPI:
+    """The local API for workloads of this domain.
+
+    With ``gateway`` given, the app serves it and leaves its life cycle to the caller
+    (the process runs several apps over one gateway); without, the app's lifespan
+    starts and stops a gateway of its own built from ``settings``.
+    """
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if gateway is not None:
+            yield
+            return
+        async with Gateway(settings) as own:
+            app.state.gateway = own
+            yield
+
+    app = FastAPI(
+        title="fedgw local API",
+        version=__version__,
+        summary=f"Network services, endpoints and events of domain {settings.domain}",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, services, endpoints, events):
+        app.include_router(module.router)
+    return app

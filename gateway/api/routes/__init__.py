@@ -1,0 +1,1 @@
+"""Routes of the local API, one module per resource."""

@@ -1,0 +1,27 @@
+"""Response bodies of the local API that are not registry records. Kept apart from the
+app so that clients import them without importing the server."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class Health(BaseModel):
+    status: str
+    domain: str
+    version: str
+
+
+class GatewayStatus(BaseModel):
+    domain: str
+    version: str
+    pid: int
+    started_at: str
+    uptime_seconds: float
+    socket: str
+    state_dir: str
+    store: str
+    services: int
+    endpoints: int
+    workload_bound_endpoints: int
+    watchers: int

@@ -1,0 +1,52 @@
+"""``fedgw gateway ...``: run a gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gateway.settings import load_settings
+
+app = typer.Typer(help="Run this domain's gateway.", no_args_is_help=True)
+
+
+@app.command("serve")
+def serve_command(
+    domain: Annotated[
+        str | None, typer.Option(help="This gateway's domain [env FEDGW_DOMAIN].")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Private state directory [env FEDGW_STATE_DIR; /var/lib/fedgw]."),
+    ] = None,
+    socket: Annotated[
+        Path | None,
+        typer.Option(help="Local API unix socket [env FEDGW_SOCKET; /run/fedgw/gateway.sock]."),
+    ] = None,
+    socket_group: Annotated[
+        str | None, typer.Option(help="Group given access to the socket (mode 0660).")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file of settings; flags and FEDGW_* win over it.")
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="debug, info, warning or error [env FEDGW_LOG_LEVEL].")
+    ] = None,
+) -> None:
+    """Serve the registry and the local API until SIGTERM or SIGINT."""
+    settings = load_settings(
+        config,
+        domain=domain,
+        state_dir=state_dir,
+        socket=socket,
+        socket_group=socket_group,
+        log_level=log_level,
+    )
+    # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.
+    from gateway.server import configure_logging, serve
+
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))

@@ -1,0 +1,183 @@
+"""Async client of a gateway's local API (what the CLI and workloads use). Transport
+errors and error responses come back as fedgw errors with the gateway's message."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+from pydantic import TypeAdapter
+
+from fedgw.errors import (
+    Conflict,
+    FedgwError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    TooLarge,
+    Unavailable,
+)
+from fedgw.models import Endpoint, EndpointRegistration, NetworkService, NetworkServiceRegistration
+from gateway.api.schemas import GatewayStatus
+from gateway.errors import GatewayUnreachable
+
+_ERROR_OF_STATUS: dict[int, type[FedgwError]] = {
+    400: InvalidInput,
+    403: PermissionDenied,
+    404: NotFound,
+    409: Conflict,
+    413: TooLarge,
+    422: InvalidInput,
+    503: Unavailable,
+}
+
+_services = TypeAdapter(list[NetworkService])
+_endpoints = TypeAdapter(list[Endpoint])
+
+
+def describe_target(target: str) -> str:
+    return target if "://" in target else f"unix:{target}"
+
+
+class GatewayClient:
+    """``async with GatewayClient("/run/fedgw/gateway.sock") as gw: ...``
+
+    ``target`` is a unix socket path (``/path``, ``./path`` or ``unix:///path``) or an
+    ``http(s)://`` URL.
+    """
+
+    def __init__(self, target: str | Path, *, timeout: float = 10.0) -> None:
+        text = str(target)
+        if text.startswith("unix://"):
+            text = text.removeprefix("unix://")
+        self.target = text
+        if text.startswith(("http://", "https://")):
+            self._http = httpx.AsyncClient(base_url=text, timeout=timeout)
+        else:
+            transport = httpx.AsyncHTTPTransport(uds=text)
+            self._http = httpx.AsyncClient(
+                transport=transport, base_url="http://fedgw", timeout=timeout
+            )
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    def _unreachable(self, exc: Exception) -> GatewayUnreachable:
+        # "[Errno 2] No such file or directory" reads better as "no such file or directory"
+        reason = re.sub(r"^\[Errno \d+\] ", "", str(exc) or type(exc).__name__)
+        reason = reason[:1].lower() + reason[1:]
+        return GatewayUnreachable(
+            f"cannot reach the gateway at {describe_target(self.target)}: {reason} "
+            "(is `fedgw gateway serve` running? point --gateway or FEDGW_GATEWAY at it)"
+        )
+
+    @staticmethod
+    def _error(response: httpx.Response) -> FedgwError:
+        try:
+            body = response.json()
+            detail = str(body.get("detail") or response.reason_phrase)
+            code = body.get("error")
+            retryable = bool(body.get("retryable", False))
+        except (ValueError, AttributeError):
+            detail, code, retryable = response.text[:200] or response.reason_phrase, None, False
+        error = _ERROR_OF_STATUS.get(response.status_code, FedgwError)(detail, retryable=retryable)
+        if code:
+            error.code = str(code)
+        return error
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except (httpx.TransportError, OSError) as exc:
+            raise self._unreachable(exc) from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response.json()
+
+    # --- health --------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._call("GET", "/healthz")
+        return result
+
+    async def status(self) -> GatewayStatus:
+        return GatewayStatus.model_validate(await self._call("GET", "/v1/status"))
+
+    # --- network services ------------------------------------------------------------
+
+    async def register_service(self, reg: NetworkServiceRegistration) -> NetworkService:
+        body = await self._call("POST", "/v1/services", json=reg.model_dump(mode="json"))
+        return NetworkService.model_validate(body)
+
+    async def services(self) -> list[NetworkService]:
+        return _services.validate_python(await self._call("GET", "/v1/services"))
+
+    async def delete_service(self, name: str) -> NetworkService:
+        return NetworkService.model_validate(await self._call("DELETE", f"/v1/services/{name}"))
+
+    # --- endpoints ---------------------------------------------------------------------
+
+    async def register_endpoint(self, reg: EndpointRegistration) -> Endpoint:
+        body = await self._call(
+            "POST", "/v1/endpoints", json=reg.model_dump(mode="json", exclude_none=True)
+        )
+        return Endpoint.model_validate(body)
+
+    async def endpoints(
+        self, service: str | None = None, selector: dict[str, str] | None = None
+    ) -> list[Endpoint]:
+        params: list[tuple[str, str]] = [("label", f"{k}={v}") for k, v in (selector or {}).items()]
+        if service is not None:
+            params.append(("service", service))
+        return _endpoints.validate_python(await self._call("GET", "/v1/endpoints", params=params))
+
+    async def endpoint(self, name: str) -> Endpoint:
+        return Endpoint.model_validate(await self._call("GET", f"/v1/endpoints/{name}"))
+
+    async def refresh_endpoint(self, name: str, ttl: float | None = None) -> Endpoint:
+        body = {} if ttl is None else {"ttl": ttl}
+        return Endpoint.model_validate(
+            await self._call("POST", f"/v1/endpoints/{name}/refresh", json=body)
+        )
+
+    async def delete_endpoint(self, name: str) -> Endpoint:
+        return Endpoint.model_validate(await self._call("DELETE", f"/v1/endpoints/{name}"))
+
+    # --- events ------------------------------------------------------------------------
+
+    async def events(self, *, snapshot: bool = False) -> AsyncGenerator[dict[str, Any], None]:
+        """Lines of the event stream as dicts (events, ``synced``, ``heartbeat``); an
+        ``error`` line is raised as :class:`Unavailable` (watch again)."""
+        params = {"snapshot": "true"} if snapshot else {}
+        try:
+            async with self._http.stream(
+                "GET", "/v1/events", params=params, timeout=httpx.Timeout(10.0, read=None)
+            ) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._error(response)
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    item: dict[str, Any] = json.loads(line)
+                    if item.get("type") == "error":
+                        raise Unavailable(str(item.get("detail")), retryable=True)
+                    yield item
+        except (httpx.TransportError, OSError) as exc:
+            raise self._unreachable(exc) from exc

@@ -1,0 +1,178 @@
+"""Fixtures shared by all tests: short temporary directories (unix socket paths are
+limited to 107 bytes), gateways in-process and as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.client import GatewayClient
+from gateway.clock import Clock
+from gateway.server import run_gateway
+from gateway.settings import GatewaySettings
+
+FEDGW = str(Path(sys.executable).with_name("fedgw"))
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fgw-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def gateway_settings(base: Path, domain: str = "cluster1", **extra: Any) -> GatewaySettings:
+    return GatewaySettings(
+        domain=domain, state_dir=base / "state", socket=base / "gw.sock", **extra
+    )
+
+
+@dataclass
+class InProcessGateway:
+    settings: GatewaySettings
+    client: GatewayClient
+    task: asyncio.Task[None]
+    stopping: asyncio.Event
+
+    def raw(self) -> httpx.AsyncClient:
+        """A bare HTTP client on the socket, for requests the typed client will not send."""
+        transport = httpx.AsyncHTTPTransport(uds=str(self.settings.socket))
+        return httpx.AsyncClient(transport=transport, base_url="http://fedgw")
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def start_gateway(settings: GatewaySettings, clock: Clock | None = None) -> InProcessGateway:
+    stopping, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(run_gateway(settings, stopping, ready=ready, clock=clock))
+    ready_wait = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, ready_wait}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
+    ready_wait.cancel()
+    if task.done():
+        task.result()  # raises the startup error
+    assert ready.is_set(), "gateway did not start within 10 s"
+    return InProcessGateway(settings, GatewayClient(settings.socket), task, stopping)
+
+
+@pytest.fixture
+async def gateway(short_tmp: Path) -> AsyncIterator[InProcessGateway]:
+    """A real gateway (store, registry, uvicorn on its unix socket) in this process."""
+    gw = await start_gateway(gateway_settings(short_tmp, event_heartbeat=0.5))
+    try:
+        yield gw
+    finally:
+        await gw.client.close()
+        await gw.stop()
+
+
+@dataclass
+class GatewayProcess:
+    """``fedgw gateway serve`` as a separate process, driven like a user would."""
+
+    base: Path
+    domain: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "gw.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.base / "gateway.log"
+
+    def start(self, *extra: str) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    FEDGW,
+                    "gateway",
+                    "serve",
+                    "--domain",
+                    self.domain,
+                    "--state-dir",
+                    str(self.base / "state"),
+                    "--socket",
+                    str(self.socket),
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")},
+            )
+        try:
+            self._wait_healthy(20)
+        except BaseException:
+            self.stop(signal.SIGKILL)
+            raise
+
+    def _wait_healthy(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        transport = httpx.HTTPTransport(uds=str(self.socket))
+        with httpx.Client(transport=transport, base_url="http://fedgw") as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"gateway exited {self.proc.returncode}: {self.log.read_text()}"
+                    )
+                try:
+                    http.get("/healthz")
+                    return
+                except httpx.TransportError:
+                    time.sleep(0.05)
+        raise AssertionError(f"gateway not healthy within {timeout} s: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def restart(self) -> None:
+        assert self.stop() == 0, self.log.read_text()
+        self.start()
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run ``fedgw`` against this gateway."""
+        env = {**os.environ, "FEDGW_GATEWAY": str(self.socket)}
+        result = subprocess.run([FEDGW, *args], env=env, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"fedgw {' '.join(args)} -> {result.returncode}: {result.stderr}")
+        return result
+
+
+@pytest.fixture
+def gateway_process(short_tmp: Path) -> Iterator[GatewayProcess]:
+    gp = GatewayProcess(short_tmp, "cluster1")
+    gp.start()
+    try:
+        yield gp
+    finally:
+        if gp.proc is not None:
+            code = gp.stop()
+            assert code == 0, f"gateway exited {code}: {gp.log.read_text()}"
