@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the gateway, the lab and the tests run.
-DEBS := iproute2 wireguard-go wireguard-tools iputils-ping nftables iperf3 procps
+DEBS := iproute2 wireguard-go wireguard-tools iputils-ping nftables iperf3 procps curl
 PYTEST_ARGS ?=
 
 .PHONY: help setup debs venv test lint typecheck layers pytest demo format clean
@@ -61,7 +61,7 @@ pytest:
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 demo: setup
-	$(BIN)/python -m clusters.demo
+	$(BIN)/fedgw lab demo
 
 format: venv
 	$(BIN)/ruff check --fix .

@@ -1,121 +1,73 @@
-"""``make demo``: what fedgw can do so far, as the commands a user would type.
+"""``fedgw lab demo`` (and ``make demo``): the story so far, as the commands a user would
+type, each shown with its output and the time it took.
 
-A gateway for domain ``cluster1`` starts on a private state dir; a network service and
-an endpoint are registered; the gateway restarts and still has them. Everything runs
-in a temporary directory that is removed at the end.
+Two simulated clusters come up on this machine; cluster2 registers the network service
+``vpn-gateway`` (exported to cluster1) and its endpoint ``vpn-gw-1``. The lab stays up
+afterwards, to be explored by hand. Running the demo again is harmless.
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
 import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
 
-FEDGW = str(Path(sys.executable).with_name("fedgw"))
-T0 = time.monotonic()
+from clusters.lab import Lab
 
-
-def step(text: str) -> None:
-    print(f"\n[{time.monotonic() - T0:6.2f}s] {text}", flush=True)
+Say = Callable[[str], None]
 
 
-def fedgw(*args: str, env: dict[str, str]) -> None:
-    print(f"  $ fedgw {shlex.join(args)}", flush=True)
-    result = subprocess.run([FEDGW, *args], env=env, capture_output=True, text=True, check=False)
-    for line in (result.stdout + result.stderr).rstrip().splitlines():
-        print(f"    {line}")
-    if result.returncode != 0:
-        raise SystemExit(f"demo failed: fedgw {' '.join(args)} exited {result.returncode}")
+class Demo:
+    def __init__(self, lab_name: str, say: Say) -> None:
+        self.t0 = time.monotonic()
+        self.say = say
+        self.lab = Lab(lab_name, progress=lambda line: say(f"    {line}"))
 
+    def step(self, text: str) -> None:
+        self.say(f"\n[{time.monotonic() - self.t0:6.2f}s] {text}")
 
-def start_gateway(base: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    cmd = [
-        "gateway",
-        "serve",
-        "--domain",
-        "cluster1",
-        "--state-dir",
-        str(base / "state"),
-        "--socket",
-        str(base / "gw.sock"),
-    ]
-    print(f"  $ fedgw {shlex.join(cmd)} &", flush=True)
-    log = (base / "gateway.log").open("ab")
-    proc = subprocess.Popen([FEDGW, *cmd], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not (base / "gw.sock").exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"gateway did not start:\n{(base / 'gateway.log').read_text()}")
-        time.sleep(0.05)
-    print(f"    gateway pid {proc.pid}, local API on {base / 'gw.sock'}")
-    return proc
+    async def fedgw(self, cluster: str, *args: str) -> str:
+        """``fedgw lab exec CLUSTER -- fedgw ARGS``, shown as the user types it."""
+        self.say(f"  $ fedgw lab exec {cluster} -- fedgw {shlex.join(args)}")
+        code, out, err = await self.lab.run(cluster, "fedgw", *args, check=False)
+        for line in (out + err).rstrip().splitlines():
+            self.say(f"    {line}")
+        if code != 0:
+            raise SystemExit(f"demo failed: fedgw {' '.join(args)} exited {code}")
+        return out
 
+    async def run(self) -> None:
+        name = self.lab.name
+        self.step("Bring up two simulated clusters (network namespaces, one gateway each)")
+        self.say(f"  $ fedgw lab up --clusters 2 --name {name}")
+        await self.lab.up(2)
 
-def stop_gateway(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(20)
-    print(f"    gateway stopped (exit {proc.returncode})")
+        self.step("cluster2 registers the network service vpn-gateway, exported to cluster1")
+        await self.fedgw("cluster2", "ns", "register", "vpn-gateway", "--export", "cluster1")
 
+        self.step("...and its endpoint vpn-gw-1, which hands out 172.16.1.0/24")
+        await self.fedgw(
+            "cluster2", "nse", "register", "vpn-gw-1", "--service", "vpn-gateway",
+            "--pool", "172.16.1.0/24", "--route", "10.60.0.0/16", "--ttl", "1h",
+        )  # fmt: skip
+        await self.fedgw("cluster2", "nse", "list")
 
-def main() -> None:
-    base = Path(tempfile.mkdtemp(prefix="fedgw-demo-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
-    env["FEDGW_GATEWAY"] = str(base / "gw.sock")
-    proc = None
-    try:
-        step("Start the gateway of domain cluster1 (state in a private dir, API on a socket)")
-        proc = start_gateway(base, env)
-        step("Register the network service vpn-gateway, exported to cluster2")
-        fedgw("ns", "register", "vpn-gateway", "--export", "cluster2", env=env)
-        step("Register an endpoint that provides it, with a 10 minute lease")
-        fedgw(
-            "nse",
-            "register",
-            "vpn-gw-1",
-            "--service",
-            "vpn-gateway",
-            "--label",
-            "zone=a",
-            "--pool",
-            "172.16.1.0/24",
-            "--route",
-            "10.60.0.0/16",
-            "--ttl",
-            "10m",
-            env=env,
+        self.step("The lab as it stands")
+        self.say(f"  $ fedgw lab status --name {name}")
+        status = await self.lab.status()
+        for c in status.clusters:
+            health = "healthy" if c.healthy else c.health
+            self.say(f"    {c.name}: netns {c.netns}, {c.node_address}, gateway {health}")
+
+        self.step("Done; the lab stays up")
+        self.say(
+            f"  explore:   fedgw lab status --name {name}\n"
+            f"             fedgw lab exec cluster2 --name {name} -- fedgw nse list\n"
+            f"             fedgw lab exec cluster1 --name {name} -- ping -c1 198.18.0.12\n"
+            f"  tear down: fedgw lab down --name {name}"
         )
-        fedgw("nse", "list", env=env)
-        step("Bad input is refused with a clear message")
-        print("  $ fedgw nse register Bad_Name --service x")
-        bad = subprocess.run(
-            [FEDGW, "nse", "register", "Bad_Name", "--service", "x"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        print(f"    {bad.stderr.strip()}  (exit {bad.returncode})")
-        step("Restart the gateway: nothing registered is lost")
-        stop_gateway(proc)
-        proc = start_gateway(base, env)
-        fedgw("nse", "list", env=env)
-        fedgw("status", env=env)
-        step("Stop the gateway and clean up")
-        stop_gateway(proc)
-        proc = None
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
-    print("\nDone. Next: `fedgw --help`; the README has the CLI reference.")
 
 
-if __name__ == "__main__":
-    main()
+def run_demo(lab_name: str, say: Say) -> None:
+    asyncio.run(Demo(lab_name, say).run())

@@ -13,15 +13,17 @@ import signal
 import socket
 import stat
 from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
-from gateway.api.app import create_app
+from gateway.api.app import create_app, create_health_app
 from gateway.clock import Clock
 from gateway.errors import SettingsError, StateDirInUse
 from gateway.runtime import Gateway
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, HostPortTuple, format_host_port
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +35,10 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    # One line per request is noise at info level; it is there at debug.
-    logging.getLogger("uvicorn.access").setLevel(
-        logging.DEBUG if level == "debug" else logging.WARNING
-    )
+    # One line per request, and uvicorn's start/stop lines for each listener, are noise
+    # at info level (the gateway logs its listeners itself); they are there at debug.
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
 def bind_unix_socket(path: Path, group: str | None = None, backlog: int = 128) -> socket.socket:
@@ -121,6 +123,28 @@ async def serve(settings: GatewaySettings) -> None:
             loop.remove_signal_handler(sig)
 
 
+@dataclass
+class Listener:
+    """One socket the gateway serves an app on."""
+
+    what: str
+    app: ASGIApp
+    sock: socket.socket
+    address: str
+
+
+def bind_tcp_socket(what: str, address: HostPortTuple, backlog: int = 128) -> socket.socket:
+    host, port = address
+    try:
+        sock = socket.create_server((host, port), backlog=backlog, dualstack_ipv6=host == "::")
+    except OSError as exc:
+        raise SettingsError(
+            f"{what}: cannot listen on {format_host_port(address)}: {exc.strerror}"
+        ) from exc
+    sock.setblocking(False)
+    return sock
+
+
 async def run_gateway(
     settings: GatewaySettings,
     stopping: asyncio.Event,
@@ -128,37 +152,73 @@ async def run_gateway(
     ready: asyncio.Event | None = None,
     clock: Clock | None = None,
 ) -> None:
-    """Run a gateway and its local API until ``stopping`` is set; set ``ready`` once
-    the API accepts connections."""
-    async with Gateway(settings, clock=clock) as gateway:
+    """Run a gateway and its listeners until ``stopping`` is set (or one of them fails);
+    set ``ready`` once every listener accepts connections."""
+    async with Gateway(settings, clock=clock) as gateway, contextlib.AsyncExitStack() as stack:
         sock = bind_unix_socket(settings.socket, settings.socket_group)
-        inode = settings.socket.lstat().st_ino
-        try:
-            app = create_app(settings, gateway)
-            config = uvicorn.Config(
-                app,
+        stack.callback(_remove_socket, settings.socket, settings.socket.lstat().st_ino)
+        stack.callback(sock.close)
+        listeners = [
+            Listener("local API", create_app(settings, gateway), sock, str(settings.socket))
+        ]
+        if settings.health_listen is not None:
+            tcp = bind_tcp_socket("health endpoint", settings.health_listen)
+            stack.callback(tcp.close)
+            listeners.append(
+                Listener(
+                    "health endpoint",
+                    create_health_app(gateway),
+                    tcp,
+                    f"http://{format_host_port(settings.health_listen)}/healthz",
+                )
+            )
+        await _serve_until(gateway, listeners, stopping, ready)
+    log.info("stopped")
+
+
+async def _serve_until(
+    gateway: Gateway,
+    listeners: list[Listener],
+    stopping: asyncio.Event,
+    ready: asyncio.Event | None,
+) -> None:
+    servers = [
+        _Server(
+            uvicorn.Config(
+                listener.app,
                 lifespan="off",
                 log_config=None,
                 timeout_graceful_shutdown=5,
                 server_header=False,
             )
-            server = _Server(config)
-            running = asyncio.ensure_future(server.serve(sockets=[sock]))
+        )
+        for listener in listeners
+    ]
+    running = [
+        asyncio.ensure_future(server.serve(sockets=[listener.sock]))
+        for server, listener in zip(servers, listeners, strict=True)
+    ]
+    try:
+        for server, listener, task in zip(servers, listeners, running, strict=True):
             listening = asyncio.ensure_future(server.listening.wait())
-            await asyncio.wait({running, listening}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, listening}, return_when=asyncio.FIRST_COMPLETED)
             listening.cancel()
-            log.info("local API listening on %s", settings.socket)
-            if ready is not None:
-                ready.set()
-            stop = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait({running, stop}, return_when=asyncio.FIRST_COMPLETED)
-            log.info("stopping")
-            # End event streams first, so open watchers do not hold up the shutdown.
-            gateway.bus.close()
+            if task.done():
+                task.result()  # a listener that failed to start stops the gateway
+                raise RuntimeError(f"{listener.what} stopped during start-up")
+            log.info("%s listening on %s", listener.what, listener.address)
+        if ready is not None:
+            ready.set()
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({stop, *running}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        log.info("stopping")
+    finally:
+        # End event streams first, so open watchers do not hold up the shutdown.
+        gateway.bus.close()
+        for server in servers:
             server.should_exit = True
-            stop.cancel()
-            await running
-        finally:
-            sock.close()
-            _remove_socket(settings.socket, inode)
-    log.info("stopped")
+        results = await asyncio.gather(*running, return_exceptions=True)
+    for listener, result in zip(listeners, results, strict=True):
+        if isinstance(result, BaseException):
+            raise RuntimeError(f"{listener.what} failed: {result}") from result

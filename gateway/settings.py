@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +23,45 @@ from gateway.registry import RegistrySettings
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 
 DEFAULT_SOCKET = Path("/run/fedgw/gateway.sock")
+
+HostPortTuple = tuple[str, int]
+
+
+def parse_host_port(value: Any) -> HostPortTuple:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) as a (host, port) pair."""
+    if isinstance(value, tuple):
+        host, port = value
+        text = f"{host}:{port}"
+    elif isinstance(value, str):
+        text = value.strip()
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. 0.0.0.0:8443 or [::]:8443)")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. [::1]:8443")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"{value!r}: port {port_text!r} is not a number") from None
+    else:
+        raise ValueError("expected HOST:PORT")
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r}: port must be between 1 and 65535")
+    return host, port
+
+
+def format_host_port(value: HostPortTuple) -> str:
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+HostPort = Annotated[
+    HostPortTuple,
+    BeforeValidator(parse_host_port),
+    PlainSerializer(format_host_port, return_type=str),
+]
 DEFAULT_STATE_DIR = Path("/var/lib/fedgw")
 
 
@@ -42,6 +81,10 @@ class GatewaySettings(BaseSettings):
     )
     socket: Path = Field(
         DEFAULT_SOCKET, description="unix socket (mode 0660) of the local API for workloads"
+    )
+    health_listen: HostPort | None = Field(
+        None,
+        description="HOST:PORT for a plain-HTTP /healthz (probes); off when unset",
     )
     socket_group: str | None = Field(
         None, description="group that owns the local API socket (its members may use it)"

@@ -24,6 +24,8 @@ from gateway.clock import Clock
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
 
+pytest_plugins = ["clusters.pytest_plugin"]
+
 FEDGW = str(Path(sys.executable).with_name("fedgw"))
 
 

@@ -230,9 +230,7 @@ class Rtnl:
     def _failed(self, action: str, exc: NetlinkError) -> NetlinkFailed:
         return NetlinkFailed(f"{action} in {self.where}: {os.strerror(exc.code)}", errno=exc.code)
 
-    async def _call(
-        self, action: str, coro: Any, *, ignore: frozenset[int] = frozenset()
-    ) -> Any:
+    async def _call(self, action: str, coro: Any, *, ignore: frozenset[int] = frozenset()) -> Any:
         try:
             return await coro
         except NetlinkError as exc:
@@ -346,7 +344,9 @@ class Rtnl:
         async for msg in await self.ipr.addr("dump"):
             name = names.get(msg["index"], "?")
             if ifname is None or name == ifname:
-                out.append((name, ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}")))
+                out.append(
+                    (name, ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"))
+                )
         return out
 
     async def add_route(

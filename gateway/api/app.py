@@ -44,3 +44,13 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Fas
     for module in (health, services, endpoints, events):
         app.include_router(module.router)
     return app
+
+
+def create_health_app(gateway: Gateway) -> FastAPI:
+    """Plain-HTTP ``/healthz`` for probes (Kubernetes, the lab) on a TCP port; it tells
+    only that the gateway serves and its domain."""
+    app = FastAPI(title="fedgw health", version=__version__, openapi_url=None, docs_url=None)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    app.include_router(health.probe_router)
+    return app

@@ -65,7 +65,8 @@ def print_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
     table = Table(*columns, box=None, pad_edge=False, header_style="bold")
     for row in rows:
         table.add_row(*row)
-    Console(highlight=False, soft_wrap=True).print(table)
+    # Unwrapped when piped: lines that scripts and logs can read whole.
+    Console(highlight=False, width=None if sys.stdout.isatty() else 250).print(table)
 
 
 def print_fields(fields: Iterable[tuple[str, str]]) -> None:
@@ -73,7 +74,7 @@ def print_fields(fields: Iterable[tuple[str, str]]) -> None:
 
 
 def say(message: str) -> None:
-    Console(highlight=False).print(message, markup=False)
+    Console(highlight=False, soft_wrap=True).print(message, markup=False)
 
 
 def relative(when: datetime, now: datetime | None = None) -> str:

@@ -26,6 +26,10 @@ def serve_command(
         Path | None,
         typer.Option(help="Local API unix socket [env FEDGW_SOCKET; /run/fedgw/gateway.sock]."),
     ] = None,
+    health_listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT for a plain-HTTP /healthz, for probes [off]."),
+    ] = None,
     socket_group: Annotated[
         str | None, typer.Option(help="Group given access to the socket (mode 0660).")
     ] = None,
@@ -43,6 +47,7 @@ def serve_command(
         state_dir=state_dir,
         socket=socket,
         socket_group=socket_group,
+        health_listen=health_listen,
         log_level=log_level,
     )
     # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.

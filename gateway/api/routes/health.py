@@ -9,9 +9,11 @@ from gateway.api.deps import GatewayDep
 from gateway.api.schemas import GatewayStatus, Health
 
 router = APIRouter(tags=["health"])
+probe_router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="Is the gateway serving?")
+@probe_router.get("/healthz", summary="Is the gateway serving?")
 async def health(gateway: GatewayDep) -> Health:
     return Health(status="ok", domain=gateway.settings.domain, version=__version__)
 

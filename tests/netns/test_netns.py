@@ -1,0 +1,117 @@
+"""wireguard.netns: namespaces, veths, addresses, routes and sysctls, each in namespaces
+the test creates; nothing in the host's own namespace changes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.hostcheck import host_snapshot, needs_root
+from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
+from wireguard.netns import (
+    Rtnl,
+    create_netns,
+    delete_netns,
+    get_sysctl,
+    list_netns,
+    netns_exists,
+    netns_pids,
+    run,
+    set_sysctl,
+)
+
+pytestmark = needs_root
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[str, str]]:
+    tag = secrets.token_hex(3)
+    a, b = f"fgwn-{tag}-a", f"fgwn-{tag}-b"
+    before = host_snapshot()
+    try:
+        assert await create_netns(a)
+        assert await create_netns(b)
+        yield a, b
+    finally:
+        await delete_netns(a)
+        await delete_netns(b)
+        assert host_snapshot() == before
+
+
+async def test_create_and_delete_are_idempotent(pair: tuple[str, str]) -> None:
+    a, _ = pair
+    assert not await create_netns(a)
+    assert netns_exists(a)
+    assert a in list_netns("fgwn-")
+    async with Rtnl(a) as rtnl:
+        lo = next(link for link in await rtnl.links() if link.name == "lo")
+        assert lo.up
+
+
+async def test_veth_across_namespaces_carries_ping(pair: tuple[str, str]) -> None:
+    a, b = pair
+    async with Rtnl(a) as rtnl:
+        assert await rtnl.add_veth("va", "vb", b)
+        assert not await rtnl.add_veth("va", "vb", b)  # already there
+        await rtnl.set_link("va", up=True, mtu=1400)
+        assert await rtnl.add_address("va", "10.99.0.1/24")
+        assert not await rtnl.add_address("va", "10.99.0.1/24")
+        va = next(link for link in await rtnl.links() if link.name == "va")
+        assert (va.kind, va.mtu, va.up) == ("veth", 1400, True)
+    async with Rtnl(b) as rtnl:
+        await rtnl.set_link("vb", up=True)
+        await rtnl.add_address("vb", "10.99.0.2/24")
+        await rtnl.add_route("10.98.0.0/16", via="10.99.0.1")
+        await rtnl.add_route("10.98.0.0/16", via="10.99.0.1")  # replace: harmless
+        assert ("vb", ipaddress.ip_interface("10.99.0.2/24")) in await rtnl.addresses("vb")
+    out = await run("ip", "netns", "exec", a, "ping", "-c", "1", "-W", "2", "10.99.0.2")
+    assert "1 received" in out
+    routes = await run("ip", "-n", b, "route")
+    assert "10.98.0.0/16 via 10.99.0.1 dev vb" in routes
+
+
+async def test_sysctl_is_per_namespace(pair: tuple[str, str]) -> None:
+    a, b = pair
+    await set_sysctl(a, "net.ipv4.ip_forward", "1")
+    assert await get_sysctl(a, "net.ipv4.ip_forward") == "1"
+    assert await get_sysctl(b, "net.ipv4.ip_forward") == "0"
+    # (the pair fixture checks that the host's own ip_forward did not change)
+
+
+async def test_errors_name_what_failed(pair: tuple[str, str]) -> None:
+    a, _ = pair
+    with pytest.raises(NamespaceNotFound, match="'fgwn-missing' does not exist"):
+        async with Rtnl("fgwn-missing"):
+            pass
+    assert not netns_exists("fgwn-missing")  # opening a session did not create it
+    async with Rtnl(a) as rtnl:
+        with pytest.raises(LinkNotFound, match=f"interface nope0 does not exist in netns {a}"):
+            await rtnl.set_link("nope0", up=True)
+        with pytest.raises(NetlinkFailed, match="Network is unreachable") as info:
+            await rtnl.add_route("10.0.0.0/8", via="192.0.2.1")
+        assert info.value.errno == 101
+        with pytest.raises(ValueError, match="1 to 15 characters"):
+            await rtnl.add_veth("much-too-long-name", "x")
+    with pytest.raises(NamespaceNotFound):
+        await set_sysctl("fgwn-missing", "net.ipv4.ip_forward", "1")
+    with pytest.raises(CommandFailed, match=r"fgwn-missing"):
+        await run("ip", "netns", "exec", "fgwn-missing", "true")
+
+
+async def test_processes_found_by_namespace(pair: tuple[str, str]) -> None:
+    a, b = pair
+    proc = await asyncio.create_subprocess_exec("ip", "netns", "exec", a, "sleep", "30")
+    try:
+        for _ in range(100):
+            if proc.pid in netns_pids([a]):
+                break
+            await asyncio.sleep(0.02)
+        assert netns_pids([a, b]) == {proc.pid: a}
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert netns_pids([a]) == {}
