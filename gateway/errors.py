@@ -5,18 +5,6 @@ from __future__ import annotations
 from fedgw.errors import Conflict, InvalidInput, NotFound, Unavailable
 
 
-class StoreUnavailable(Unavailable):
-    """The state store cannot be read or written (disk full, I/O error, closed)."""
-
-    code = "store_unavailable"
-
-
-class StoreConflict(Conflict):
-    """A conditional store write lost: the record changed since it was read."""
-
-    code = "store_conflict"
-
-
 class StateDirInUse(Conflict):
     """Another gateway process already holds this state directory."""
 

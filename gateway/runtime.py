@@ -13,13 +13,13 @@ from types import TracebackType
 from typing import Any
 
 from fedgw import __version__
+from fedgw.store import Store
 from gateway.api.schemas import GatewayStatus
 from gateway.clock import Clock, SystemClock, to_datetime
 from gateway.events import EventBus
 from gateway.registry import Registry
 from gateway.settings import GatewaySettings
 from gateway.state_dir import StateDir
-from gateway.store import Store
 from gateway.store.sqlite import SqliteStore
 from gateway.workloads import WorkloadProbe
 

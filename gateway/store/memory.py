@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.errors import StoreConflict, StoreUnavailable
-from gateway.store import Record
+from fedgw.store import Record, StoreConflict, StoreUnavailable
 
 
 class MemoryStore:

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from gateway.errors import StoreConflict, StoreUnavailable
-from gateway.store import Record
+from fedgw.store import Record, StoreConflict, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ class _Write:
 
 
 class SqliteStore:
-    """A :class:`gateway.store.Store` in one SQLite file."""
+    """A :class:`fedgw.store.Store` in one SQLite file."""
 
     def __init__(self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
         self.path = path

@@ -14,11 +14,11 @@ import pytest
 
 from fedgw.errors import InvalidInput
 from fedgw.models import EndpointRegistration, NetworkServiceRegistration, validated
+from fedgw.store import Store
 from gateway.clock import ManualClock
 from gateway.errors import EndpointNotFound, ServiceInUse, ServiceNotFound, WorkloadNotFound
 from gateway.events import Event, EventBus, EventType
 from gateway.registry import Registry, RegistrySettings
-from gateway.store import Store
 from gateway.store.sqlite import SqliteStore
 from gateway.workloads import WorkloadProbe
 
@@ -286,7 +286,7 @@ async def test_failed_write_leaves_memory_unchanged(world: World) -> None:
     r = world.registry
     await r.register_endpoint(ep("e", "vpn", labels={"v": "1"}))
     await world.store.close()
-    from gateway.errors import StoreUnavailable
+    from fedgw.store import StoreUnavailable
 
     with pytest.raises(StoreUnavailable):
         await r.register_endpoint(ep("e", "vpn", labels={"v": "2"}))

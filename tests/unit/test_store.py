@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import StoreConflict, StoreUnavailable
-from gateway.store import ABSENT, Store
+from fedgw.store import ABSENT, Store, StoreConflict, StoreUnavailable
 from gateway.store.memory import MemoryStore
 from gateway.store.sqlite import SqliteStore
 
