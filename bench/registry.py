@@ -31,8 +31,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench._http import RawHttp
+from fedgw.clock import SystemClock
 from fedgw.models import EndpointRegistration
-from gateway.clock import SystemClock
 from gateway.events import EventBus
 from gateway.registry import Registry, RegistrySettings
 from gateway.store.sqlite import SqliteStore, Synchronous

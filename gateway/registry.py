@@ -19,11 +19,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from fedgw.clock import Clock, to_datetime
 from fedgw.durations import Duration, format_duration
 from fedgw.errors import InvalidInput
 from fedgw.models import Endpoint, EndpointRegistration, NetworkService, NetworkServiceRegistration
 from fedgw.store import Collection, Store
-from gateway.clock import Clock, to_datetime
 from gateway.errors import EndpointNotFound, ServiceInUse, ServiceNotFound
 from gateway.events import Event, EventBus, EventType, ResourceKind
 from gateway.workloads import WorkloadProbe

@@ -13,9 +13,9 @@ from types import TracebackType
 from typing import Any
 
 from fedgw import __version__
+from fedgw.clock import Clock, SystemClock, to_datetime
 from fedgw.store import Store
 from gateway.api.schemas import GatewayStatus
-from gateway.clock import Clock, SystemClock, to_datetime
 from gateway.events import EventBus
 from gateway.registry import Registry
 from gateway.settings import GatewaySettings

@@ -19,8 +19,8 @@ from pathlib import Path
 import uvicorn
 from starlette.types import ASGIApp
 
+from fedgw.clock import Clock
 from gateway.api.app import create_app, create_health_app
-from gateway.clock import Clock
 from gateway.errors import SettingsError, StateDirInUse
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings, HostPortTuple, format_host_port

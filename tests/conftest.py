@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from fedgw.clock import Clock
 from gateway.client import GatewayClient
-from gateway.clock import Clock
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
 

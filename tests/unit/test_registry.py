@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from fedgw.clock import ManualClock
 from fedgw.errors import InvalidInput
 from fedgw.models import EndpointRegistration, NetworkServiceRegistration, validated
 from fedgw.store import Store
-from gateway.clock import ManualClock
 from gateway.errors import EndpointNotFound, ServiceInUse, ServiceNotFound, WorkloadNotFound
 from gateway.events import Event, EventBus, EventType
 from gateway.registry import Registry, RegistrySettings
@@ -177,7 +177,7 @@ async def test_ttl_bounds(world: World) -> None:
 
 async def test_expiry_loop_removes_within_a_second(tmp_path: Path) -> None:
     """With the real clock: the expiry loop deletes an endpoint < 1 s after expiry."""
-    from gateway.clock import SystemClock
+    from fedgw.clock import SystemClock
     from gateway.store.memory import MemoryStore
 
     bus = EventBus()

@@ -10,8 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
+from fedgw.clock import to_datetime
 from gateway.api.deps import GatewayDep
-from gateway.clock import to_datetime
 from gateway.errors import EventStreamOverflow
 
 router = APIRouter(prefix="/v1", tags=["events"])

@@ -1,4 +1,4 @@
-"""Time as the gateway sees it. Leases are wall-clock instants because they outlive a
+"""Time as fedgw sees it. Leases are wall-clock instants because they outlive a
 restart; tests swap in :class:`ManualClock` to move time by hand."""
 
 from __future__ import annotations
