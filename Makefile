@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the gateway, the lab and the tests run.
-DEBS := iproute2 wireguard-go wireguard-tools iputils-ping nftables iperf3 procps curl
+DEBS := iproute2 wireguard-go wireguard-tools iputils-ping nftables iperf3 procps curl dnsmasq-base
 PYTEST_ARGS ?=
 
 .PHONY: help setup debs venv test lint typecheck layers pytest demo format clean
