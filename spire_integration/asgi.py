@@ -1,0 +1,24 @@
+"""Hands the SPIFFE ID that the TLS handshake verified to the ASGI app under uvicorn, as
+``scope["state"]["spiffe_id"]`` (``request.state.spiffe_id`` in FastAPI/Starlette)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+STATE_KEY = "spiffe_id"
+
+
+class SpiffeH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol plus the peer's SPIFFE ID in every request's state.
+
+    ``uvicorn.Config(app, http=SpiffeH11Protocol, ssl_context_factory=...)``. uvicorn
+    copies ``app_state`` into each request scope; this connection gets its own copy with
+    the verified ID (``None`` without TLS or without a client certificate).
+    """
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.app_state = {**self.app_state, STATE_KEY: getattr(ssl_object, "spiffe_id", None)}
