@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno as errnos
 
-from fedgw.errors import Exhausted, FedgwError, NotFound, Unavailable
+from fedgw.errors import Conflict, Exhausted, FedgwError, InvalidInput, NotFound, Unavailable
 
 # Errors a retry may cure: the kernel was busy, or memory was short for a moment.
 _TRANSIENT = {errnos.EBUSY, errnos.EAGAIN, errnos.ENOBUFS, errnos.ENOMEM, errnos.EINTR}
@@ -58,3 +58,57 @@ class PoolExhausted(DataplaneError, Exhausted):
     """An address pool has no free address pair left."""
 
     code = "pool_exhausted"
+
+
+class InvalidKey(DataplaneError, InvalidInput):
+    """A WireGuard key is malformed (wrong base64, wrong length). Messages about private
+    keys never quote the input."""
+
+    code = "invalid_key"
+
+
+class InsecureKeyFile(DataplaneError, InvalidInput):
+    """A private key file is readable or writable by group or others; fix its mode."""
+
+    code = "insecure_key_file"
+
+
+class InvalidSpec(DataplaneError, InvalidInput):
+    """An interface, peer or pool specification is malformed or contradictory."""
+
+    code = "invalid_dataplane_spec"
+
+
+class PeerNotFound(DataplaneError, NotFound):
+    """The interface has no peer with that public key."""
+
+    code = "peer_not_found"
+
+
+class InterfaceConflict(DataplaneError, Conflict):
+    """The interface name is taken by something else (another kind of link, or a
+    userspace interface of that name in another namespace)."""
+
+    code = "interface_conflict"
+
+
+class UapiFailed(DataplaneError):
+    """A userspace WireGuard daemon refused a UAPI request or could not be reached;
+    ``errno`` says why (positive, as in :mod:`errno`)."""
+
+    code = "uapi_failed"
+
+    def __init__(self, message: str, *, errno: int) -> None:
+        super().__init__(message, retryable=errno in _TRANSIENT_UAPI)
+        self.errno = errno
+
+
+class InterfaceDied(DataplaneError, Unavailable):
+    """The process behind a userspace interface exited; ``ensure_interface`` starts a
+    new one (whose peers must then be configured again)."""
+
+    code = "interface_died"
+
+
+# A daemon that is restarting refuses connections for a moment; a timeout may pass too.
+_TRANSIENT_UAPI = _TRANSIENT | {errnos.ECONNREFUSED, errnos.ETIMEDOUT}

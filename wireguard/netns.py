@@ -366,3 +366,52 @@ class Rtnl:
         if table is not None:
             spec["table"] = table
         await self._call(f"route {dst}", self.ipr.route("replace", **spec))
+
+    # appended for the WireGuard drivers
+
+    async def link(self, ifname: str) -> Link | None:
+        """The link ``ifname`` (with its kind), or None if there is none."""
+        return next((link for link in await self.links() if link.name == ifname), None)
+
+    async def add_wireguard(self, ifname: str, *, exist_ok: bool = True) -> bool:
+        """A kernel WireGuard link; :class:`NetlinkFailed` with EOPNOTSUPP where the
+        kernel has no WireGuard. False if ``ifname`` existed already."""
+        check_ifname(ifname)
+        if exist_ok and await self.find(ifname) is not None:
+            return False
+        await self._call(
+            f"add wireguard {ifname}", self.ipr.link("add", ifname=ifname, kind="wireguard")
+        )
+        return True
+
+
+def _in_new_netns(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a throwaway thread moved into a new, empty, unnamed namespace."""
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                failure.append(
+                    NetlinkFailed(f"unshare(CLONE_NEWNET): {os.strerror(err)}", errno=err)
+                )
+                return
+            result.append(fn())
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="netns-throwaway")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+async def in_throwaway_netns(fn: Callable[[], T]) -> T:
+    """``fn()`` inside a new, empty network namespace that nothing names: it vanishes
+    when ``fn``'s thread ends and its sockets are closed, so a probe (can this kernel
+    create a link of kind X?) leaves nothing behind, even if the process dies."""
+    return await asyncio.to_thread(_in_new_netns, fn)
