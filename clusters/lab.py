@@ -14,8 +14,8 @@ collide and leftovers of a crashed run are found by that prefix)::
 198.18.0.0/15 is the benchmarking range (RFC 2544): it is never routed on the internet,
 and nothing in the lab has a route out of the lab. A NAT router masquerades what its
 cluster sends out and drops every unsolicited packet from outside, except TCP to the
-federation port (8443), which it forwards to the gateway node so that peers can reach
-that gateway's federation API. WireGuard's UDP port is deliberately not forwarded:
+federation API (8443) and the bundle endpoint (8444), which it forwards to the gateway
+node so that peers can reach them. WireGuard's UDP port is deliberately not forwarded:
 the NAT'd side keeps its mapping open with persistent keepalives, as behind a real NAT.
 
 Nothing is ever created in the host's own namespace: namespaces are made with
@@ -60,6 +60,7 @@ UNDERLAY = ipaddress.IPv4Network("198.18.0.0/24")
 INTERNET_ADDRESS = ipaddress.IPv4Interface("198.18.0.1/24")
 HEALTH_PORT = 8080
 FEDERATION_PORT = 8443
+BUNDLE_PORT = 8444
 MAX_CLUSTERS = 100
 MAX_LAB_NAME = 20
 RESERVED_WORKLOADS = frozenset({"nat"})
@@ -337,6 +338,9 @@ class Lab:
             "--state-dir", str(layout.gateway_state(c.name)),
             "--socket", str(layout.socket(c.name)),
             "--health-listen", f"0.0.0.0:{HEALTH_PORT}",
+            "--listen", f"0.0.0.0:{FEDERATION_PORT}",
+            "--bundle-listen", f"0.0.0.0:{BUNDLE_PORT}",
+            "--advertise", str(c.public_address.ip),
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
         pid = await asyncio.to_thread(_spawn_detached, argv, env, layout.log(c.name))
@@ -571,7 +575,7 @@ delete table ip fedgw_nat
 table ip fedgw_nat {{
     chain prerouting {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "wan" tcp dport {FEDERATION_PORT} dnat to {node}:{FEDERATION_PORT}
+        iifname "wan" tcp dport {{ {FEDERATION_PORT}, {BUNDLE_PORT} }} dnat to {node}
     }}
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;

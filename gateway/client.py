@@ -13,28 +13,11 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from fedgw.errors import (
-    Conflict,
-    FedgwError,
-    InvalidInput,
-    NotFound,
-    PermissionDenied,
-    TooLarge,
-    Unavailable,
-)
+from fedgw.errors import Unavailable
+from fedgw.http import error_from_response
 from fedgw.models import Endpoint, EndpointRegistration, NetworkService, NetworkServiceRegistration
-from gateway.api.schemas import GatewayStatus
+from gateway.api.schemas import GatewayStatus, IdentityInfo
 from gateway.errors import GatewayUnreachable
-
-_ERROR_OF_STATUS: dict[int, type[FedgwError]] = {
-    400: InvalidInput,
-    403: PermissionDenied,
-    404: NotFound,
-    409: Conflict,
-    413: TooLarge,
-    422: InvalidInput,
-    503: Unavailable,
-}
 
 _services = TypeAdapter(list[NetworkService])
 _endpoints = TypeAdapter(list[Endpoint])
@@ -87,27 +70,13 @@ class GatewayClient:
             "(is `fedgw gateway serve` running? point --gateway or FEDGW_GATEWAY at it)"
         )
 
-    @staticmethod
-    def _error(response: httpx.Response) -> FedgwError:
-        try:
-            body = response.json()
-            detail = str(body.get("detail") or response.reason_phrase)
-            code = body.get("error")
-            retryable = bool(body.get("retryable", False))
-        except (ValueError, AttributeError):
-            detail, code, retryable = response.text[:200] or response.reason_phrase, None, False
-        error = _ERROR_OF_STATUS.get(response.status_code, FedgwError)(detail, retryable=retryable)
-        if code:
-            error.code = str(code)
-        return error
-
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             response = await self._http.request(method, path, **kwargs)
         except (httpx.TransportError, OSError) as exc:
             raise self._unreachable(exc) from exc
         if response.status_code >= 400:
-            raise self._error(response)
+            raise error_from_response(response.status_code, response.text)
         return response.json()
 
     # --- health --------------------------------------------------------------------------
@@ -118,6 +87,14 @@ class GatewayClient:
 
     async def status(self) -> GatewayStatus:
         return GatewayStatus.model_validate(await self._call("GET", "/v1/status"))
+
+    async def identity(self) -> IdentityInfo:
+        return IdentityInfo.model_validate(await self._call("GET", "/v1/identity"))
+
+    async def bundle(self) -> dict[str, Any]:
+        """This domain's trust bundle, as the SPIFFE bundle JSON document."""
+        result: dict[str, Any] = await self._call("GET", "/v1/bundle")
+        return result
 
     # --- network services ------------------------------------------------------------
 
@@ -171,7 +148,7 @@ class GatewayClient:
             ) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise self._error(response)
+                    raise error_from_response(response.status_code, response.text)
                 async for line in response.aiter_lines():
                     if not line:
                         continue

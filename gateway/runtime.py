@@ -12,16 +12,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from federation.client import FederationClient
 from fedgw import __version__
 from fedgw.clock import Clock, SystemClock, to_datetime
 from fedgw.store import Store
 from gateway.api.schemas import GatewayStatus
 from gateway.events import EventBus
+from gateway.identity import make_identity, start_identity
 from gateway.registry import Registry
 from gateway.settings import GatewaySettings
 from gateway.state_dir import StateDir
 from gateway.store.sqlite import SqliteStore
 from gateway.workloads import WorkloadProbe
+from spire_integration import FederatedIdentity
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class Gateway:
         self._state_dir: StateDir | None = None
         self._registry: Registry | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._identity: FederatedIdentity | None = None
+        self._federation: FederationClient | None = None
         self._started_at = 0.0
         self._started_monotonic = 0.0
 
@@ -48,6 +53,19 @@ class Gateway:
         if self._registry is None:
             raise RuntimeError("gateway is not started")
         return self._registry
+
+    @property
+    def identity(self) -> FederatedIdentity:
+        if self._identity is None:
+            raise RuntimeError("gateway is not started")
+        return self._identity
+
+    @property
+    def federation(self) -> FederationClient:
+        """mTLS client for calls to peer gateways."""
+        if self._federation is None:
+            raise RuntimeError("gateway is not started")
+        return self._federation
 
     @property
     def store(self) -> Store:
@@ -67,6 +85,9 @@ class Gateway:
                 self._store, s.registry, bus=self.bus, clock=self.clock, probe=probe
             )
             await self._registry.load()
+            self._identity = make_identity(s)
+            await start_identity(self._identity, s)
+            self._federation = FederationClient(self._identity)
         except BaseException:
             await self.stop()
             raise
@@ -92,6 +113,12 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.bus.close()
+        if self._federation is not None:
+            await self._federation.close()
+            self._federation = None
+        if self._identity is not None:
+            await self._identity.stop()
+            self._identity = None
         if self._store is not None and self._store is not self._given_store:
             await self._store.close()
         self._store = None

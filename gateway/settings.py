@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BeforeValidator, Field, PlainSerializer, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -16,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from fedgw.durations import Duration, format_duration
 from fedgw.names import Domain
 from gateway.errors import SettingsError
 from gateway.registry import RegistrySettings
@@ -108,6 +116,37 @@ class GatewaySettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info")
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
+    # identity and the listeners peers use
+    identity: Literal["builtin", "spire"] = Field(
+        "builtin",
+        description="where the gateway's SVID and trust bundles come from: its own CA in "
+        "the state dir, or a SPIRE agent's Workload API",
+    )
+    spire_socket: str | None = Field(
+        None,
+        description="SPIRE Workload API socket (path or unix:// URL); "
+        "SPIFFE_ENDPOINT_SOCKET when unset",
+    )
+    svid_ttl: Duration = Field(3600.0, gt=0, description="built-in CA: life of the SVID")
+    ca_ttl: Duration = Field(86400.0, gt=0, description="built-in CA: life of a CA certificate")
+    listen: HostPort | None = Field(
+        None, description="HOST:PORT of the federation API (mutual TLS); off when unset"
+    )
+    bundle_listen: HostPort | None = Field(
+        None,
+        description="HOST:PORT of the bundle endpoint (TLS, no client certificate): the "
+        "SPIFFE bundle for peers and SPIRE servers, and joins",
+    )
+    advertise: str | None = Field(
+        None,
+        description="host or address peers reach this gateway at (its NAT's public address "
+        "when behind one); the listen address when unset and not a wildcard",
+    )
+    federated_bundles: dict[Domain, Path] = Field(
+        default_factory=dict,
+        description="static federation: trust bundles (SPIFFE format) of other domains",
+    )
+
     @field_validator("socket")
     @classmethod
     def _socket_fits(cls, value: Path) -> Path:
@@ -122,6 +161,26 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.absolute()
+
+    @model_validator(mode="after")
+    def _ttls_fit(self) -> Self:
+        # The built-in CA publishes its successor at half life and must still be able to
+        # sign a whole SVID after that: its life must be at least three SVID lives.
+        if self.identity == "builtin" and self.ca_ttl < 3 * self.svid_ttl:
+            raise ValueError(
+                f"ca_ttl ({format_duration(self.ca_ttl)}) must be at least 3 x svid_ttl "
+                f"({format_duration(self.svid_ttl)})"
+            )
+        return self
+
+    def public_url(self, address: HostPortTuple | None) -> str | None:
+        """The https URL peers use for a listener, or None if it has no usable host."""
+        if address is None:
+            return None
+        host = self.advertise or address[0]
+        if host in {"0.0.0.0", "::", ""}:
+            return None
+        return f"https://{format_host_port((host, address[1]))}"
 
     @classmethod
     def settings_customise_sources(

@@ -1,10 +1,10 @@
 """SPIFFE identities: the built-in CA and the SPIRE Workload API, SVID validation,
 trust bundles and TLS contexts (``spire_source`` and ``asgi`` are imported on demand)."""
 
-from fedgw.clock import Clock, SystemClock
 from spire_integration.builtin_source import BuiltinIdentitySource
 from spire_integration.bundle import BundleSet, TrustBundle, check_pin, parse_bundle, spki_pin
 from spire_integration.ca import BuiltinCA
+from spire_integration.overlay import FederatedIdentity
 from spire_integration.source import BundleStatus, IdentitySource, IdentityStatus
 from spire_integration.spiffe_id import SpiffeId, check_trust_domain
 from spire_integration.svid import X509Svid, validate_svid
@@ -24,14 +24,13 @@ __all__ = [
     "BuiltinIdentitySource",
     "BundleSet",
     "BundleStatus",
-    "Clock",
+    "FederatedIdentity",
     "IdentitySource",
     "IdentityStatus",
     "PeerClientContext",
     "ServerTLS",
     "SpiffeHandshakeError",
     "SpiffeId",
-    "SystemClock",
     "TrustBundle",
     "X509Svid",
     "check_pin",

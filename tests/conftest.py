@@ -21,6 +21,7 @@ import pytest
 
 from fedgw.clock import Clock
 from gateway.client import GatewayClient
+from gateway.runtime import Gateway
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
 
@@ -50,6 +51,7 @@ class InProcessGateway:
     client: GatewayClient
     task: asyncio.Task[None]
     stopping: asyncio.Event
+    gateway: Gateway
 
     def raw(self) -> httpx.AsyncClient:
         """A bare HTTP client on the socket, for requests the typed client will not send."""
@@ -62,15 +64,16 @@ class InProcessGateway:
 
 
 async def start_gateway(settings: GatewaySettings, clock: Clock | None = None) -> InProcessGateway:
-    stopping, ready = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(run_gateway(settings, stopping, ready=ready, clock=clock))
-    ready_wait = asyncio.create_task(ready.wait())
-    await asyncio.wait({task, ready_wait}, return_when=asyncio.FIRST_COMPLETED, timeout=10)
-    ready_wait.cancel()
+    stopping = asyncio.Event()
+    ready: asyncio.Future[Gateway] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(run_gateway(settings, stopping, ready=ready.set_result, clock=clock))
+    waiting: set[asyncio.Future[Any]] = {task, ready}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED, timeout=10)
     if task.done():
         task.result()  # raises the startup error
-    assert ready.is_set(), "gateway did not start within 10 s"
-    return InProcessGateway(settings, GatewayClient(settings.socket), task, stopping)
+    assert ready.done(), "gateway did not start within 10 s"
+    client = GatewayClient(settings.socket)
+    return InProcessGateway(settings, client, task, stopping, ready.result())
 
 
 @pytest.fixture

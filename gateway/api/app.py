@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fedgw import __version__
 from gateway.api.errors import install_error_handlers
 from gateway.api.limits import BodyLimit
-from gateway.api.routes import endpoints, events, health, services
+from gateway.api.routes import endpoints, events, federation, health, identity, services
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
 
@@ -41,7 +41,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Fas
     app.state.gateway = gateway
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, services, endpoints, events):
+    for module in (health, services, endpoints, events, identity):
         app.include_router(module.router)
     return app
 
@@ -53,4 +53,31 @@ def create_health_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     install_error_handlers(app)
     app.include_router(health.probe_router)
+    return app
+
+
+def create_federation_app(gateway: Gateway) -> FastAPI:
+    """The federation API for peer gateways: served only over mutual TLS, every route
+    authorised by the caller's SPIFFE ID."""
+    app = FastAPI(
+        title="fedgw federation API",
+        version=__version__,
+        summary=f"What domain {gateway.settings.domain} offers its peers",
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)
+    app.include_router(federation.router)
+    app.include_router(health.probe_router)
+    return app
+
+
+def create_bundle_app(gateway: Gateway) -> FastAPI:
+    """The bundle endpoint (SPIFFE ``https_spiffe`` profile): the domain's trust bundle
+    to anyone, over TLS with the gateway's SVID and without client certificates."""
+    app = FastAPI(title="fedgw bundle endpoint", version=__version__, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)
+    app.include_router(identity.bundle_router)
     return app

@@ -8,37 +8,17 @@ Bad input never yields a 500: a 500 means a bug, and is logged with its tracebac
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fedgw.errors import (
-    Conflict,
-    Exhausted,
-    FedgwError,
-    InvalidInput,
-    NotFound,
-    PermissionDenied,
-    TooLarge,
-    Unavailable,
-)
+from fedgw.errors import FedgwError
+from fedgw.http import error_body, status_of
 from fedgw.models import describe_validation_errors
 
 log = logging.getLogger(__name__)
-
-# Most specific first.
-STATUS_OF: list[tuple[type[FedgwError], int]] = [
-    (InvalidInput, 400),
-    (PermissionDenied, 403),
-    (NotFound, 404),
-    (Conflict, 409),
-    (Exhausted, 409),
-    (TooLarge, 413),
-    (Unavailable, 503),
-]
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -53,17 +33,6 @@ _HTTP_CODES = {
     422: "invalid_input",
     503: "unavailable",
 }
-
-
-def status_of(exc: FedgwError) -> int:
-    for cls, status in STATUS_OF:
-        if isinstance(exc, cls):
-            return status
-    return 500
-
-
-def error_body(code: str, detail: str, *, retryable: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"error": code, "detail": detail, "retryable": retryable, **extra}
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

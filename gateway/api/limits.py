@@ -7,7 +7,7 @@ import json
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.api.errors import error_body
+from fedgw.http import error_body
 
 
 class BodyTooLarge(HTTPException):
@@ -65,7 +65,8 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps(
-            error_body("too_large", f"request body is larger than {self.max_bytes} bytes")
+            error_body("too_large", f"request body is larger than {self.max_bytes} bytes"),
+            separators=(",", ":"),
         ).encode()
         await send(
             {

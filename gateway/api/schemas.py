@@ -3,6 +3,8 @@ app so that clients import them without importing the server."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pydantic import BaseModel
 
 
@@ -25,3 +27,19 @@ class GatewayStatus(BaseModel):
     endpoints: int
     workload_bound_endpoints: int
     watchers: int
+
+
+class BundleInfo(BaseModel):
+    trust_domain: str
+    sequence: int
+    authorities: int
+    fingerprint: str
+
+
+class IdentityInfo(BaseModel):
+    spiffe_id: str | None
+    source: str
+    description: str
+    svid_expires_at: datetime | None
+    error: str | None
+    bundles: list[BundleInfo]

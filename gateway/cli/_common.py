@@ -83,13 +83,18 @@ def relative(when: datetime, now: datetime | None = None) -> str:
     return f"in {format_duration(delta)}" if delta >= 0 else f"{format_duration(-delta)} ago"
 
 
-def parse_labels(items: Sequence[str], what: str = "--label") -> dict[str, str]:
-    labels: dict[str, str] = {}
+def parse_pairs(items: Sequence[str], what: str) -> dict[str, str]:
+    """``["k=v", ...]`` given with option ``what`` as a dict; each key once."""
+    pairs: dict[str, str] = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or not key:
             raise InvalidInput(f"{what} {item!r} must have the form key=value")
-        if key in labels:
+        if key in pairs:
             raise InvalidInput(f"{what} gives {key!r} twice")
-        labels[key] = value
-    return labels
+        pairs[key] = value
+    return pairs
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    return parse_pairs(items, "--label")

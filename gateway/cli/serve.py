@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from gateway.cli._common import parse_pairs
 from gateway.settings import load_settings
 
 app = typer.Typer(help="Run this domain's gateway.", no_args_is_help=True)
@@ -33,6 +34,33 @@ def serve_command(
     socket_group: Annotated[
         str | None, typer.Option(help="Group given access to the socket (mode 0660).")
     ] = None,
+    identity: Annotated[
+        str | None,
+        typer.Option(help="builtin (own CA in the state dir) or spire [env FEDGW_IDENTITY]."),
+    ] = None,
+    spire_socket: Annotated[
+        str | None,
+        typer.Option(help="SPIRE Workload API socket [env SPIFFE_ENDPOINT_SOCKET]."),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of the federation API (mutual TLS) [off]."),
+    ] = None,
+    bundle_listen: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT of the bundle endpoint (TLS, for joins) [off]."),
+    ] = None,
+    advertise: Annotated[
+        str | None,
+        typer.Option(help="Host or address peers reach this gateway at [the listen host]."),
+    ] = None,
+    federated_bundle: Annotated[
+        list[str],
+        typer.Option(
+            "--federated-bundle",
+            help="DOMAIN=FILE: trust that domain's SPIFFE bundle (static federation).",
+        ),
+    ] = [],  # noqa: B006 - typer copies defaults
     config: Annotated[
         Path | None, typer.Option(help="TOML file of settings; flags and FEDGW_* win over it.")
     ] = None,
@@ -49,6 +77,12 @@ def serve_command(
         socket_group=socket_group,
         health_listen=health_listen,
         log_level=log_level,
+        identity=identity,
+        spire_socket=spire_socket,
+        listen=listen,
+        bundle_listen=bundle_listen,
+        advertise=advertise,
+        federated_bundles=parse_pairs(federated_bundle, "--federated-bundle") or None,
     )
     # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.
     from gateway.server import configure_logging, serve

@@ -101,6 +101,12 @@ async def test_nat_cluster_reaches_out_but_is_not_reachable(lab3: Lab) -> None:
         "cluster1", "ping", "-c", "1", "-W", "1", "198.18.0.13", check=False
     )
     assert code != 0
+    # ...except the ports it forwards on purpose: here, the bundle endpoint.
+    code, out, _ = await lab3.run(
+        "cluster1", "curl", "-s", "-k", "-m", "2", "https://198.18.0.13:8444/", check=False
+    )
+    assert code == 0
+    assert json.loads(out)["keys"][0]["use"] == "x509-svid"
 
 
 ACCEPT_ONE = (
