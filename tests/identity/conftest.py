@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent import futures
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from spire_integration.bundle import BundleSet, TrustBundle
+from spire_integration.ca import BuiltinCA
 from spire_integration.errors import IdentityError, SvidExpired, SvidInvalid, SvidUntrusted
+from spire_integration.svid import X509Svid
 
 
 class FakeClock:
@@ -261,3 +268,75 @@ def bad_cert_dir(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def load_bad(folder: Path, name: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate((folder / f"{name}.pem").read_bytes())
+
+
+# --- a SPIRE agent's Workload API, served by the test -------------------------------
+
+DER = serialization.Encoding.DER
+
+
+def svid_response(svid: X509Svid, ca: BuiltinCA, federated: dict[str, bytes]) -> Any:
+    return workload_pb2.X509SVIDResponse(
+        svids=[
+            workload_pb2.X509SVID(
+                spiffe_id=str(svid.spiffe_id),
+                x509_svid=b"".join(c.public_bytes(DER) for c in svid.chain),
+                x509_svid_key=svid.private_key.private_bytes(
+                    DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ),
+                bundle=b"".join(c.public_bytes(DER) for c in ca.bundle().x509_authorities),
+            )
+        ],
+        federated_bundles=federated,
+    )
+
+
+class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
+    """Streams the latest X509SVIDResponse to every client, and each new one as it comes."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._latest: Any = None
+        self._generation = 0
+        self.streams = 0
+        self.refused = 0
+
+    def push(self, response: Any) -> None:
+        with self._cond:
+            self._latest = response
+            self._generation += 1
+            self._cond.notify_all()
+
+    def FetchX509SVID(self, request: Any, context: Any) -> Iterator[Any]:
+        # SPIRE refuses calls without the security header; so do we.
+        if ("workload.spiffe.io", "true") not in tuple(context.invocation_metadata()):
+            self.refused += 1
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing")
+        self.streams += 1
+        seen = 0
+        while context.is_active():
+            with self._cond:
+                if self._generation == seen:
+                    self._cond.wait(0.05)
+                    continue
+                seen, response = self._generation, self._latest
+            yield response
+
+
+def start_agent(socket: Path) -> tuple[FakeWorkloadApi, Any]:
+    servicer = FakeWorkloadApi()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    server.add_insecure_port(f"unix:{socket}")
+    server.start()
+    return servicer, server
+
+
+@pytest.fixture
+def workload_api(short_tmp: Path) -> Iterator[tuple[FakeWorkloadApi, Path]]:
+    socket = short_tmp / "agent.sock"
+    servicer, server = start_agent(socket)
+    try:
+        yield servicer, socket
+    finally:
+        server.stop(grace=None).wait(5)

@@ -4,93 +4,19 @@ gRPC protocol (the definitions the ``spiffe`` package ships), that pushes an upd
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
-from typing import Any
 
-import grpc  # type: ignore[import-untyped]
 import pytest
 from cryptography.hazmat.primitives import serialization
-from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from spire_integration.ca import BuiltinCA
 from spire_integration.errors import IdentityConfigInvalid, IdentityUnavailable
 from spire_integration.source import IdentitySource
 from spire_integration.spiffe_id import SpiffeId
 from spire_integration.spire_source import SpireIdentitySource, resolve_socket
-from spire_integration.svid import X509Svid
-from tests.identity.conftest import Pki
+from tests.identity.conftest import FakeWorkloadApi, Pki, start_agent, svid_response
 
 DER = serialization.Encoding.DER
-
-
-def _response(svid: X509Svid, ca: BuiltinCA, federated: dict[str, bytes]) -> Any:
-    return workload_pb2.X509SVIDResponse(
-        svids=[
-            workload_pb2.X509SVID(
-                spiffe_id=str(svid.spiffe_id),
-                x509_svid=b"".join(c.public_bytes(DER) for c in svid.chain),
-                x509_svid_key=svid.private_key.private_bytes(
-                    DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-                ),
-                bundle=b"".join(c.public_bytes(DER) for c in ca.bundle().x509_authorities),
-            )
-        ],
-        federated_bundles=federated,
-    )
-
-
-class FakeWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
-    """Streams the latest X509SVIDResponse to every client, and each new one as it comes."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._latest: Any = None
-        self._generation = 0
-        self.streams = 0
-        self.refused = 0
-
-    def push(self, response: Any) -> None:
-        with self._cond:
-            self._latest = response
-            self._generation += 1
-            self._cond.notify_all()
-
-    def FetchX509SVID(self, request: Any, context: Any) -> Iterator[Any]:
-        # SPIRE refuses calls without the security header; so do we.
-        if ("workload.spiffe.io", "true") not in tuple(context.invocation_metadata()):
-            self.refused += 1
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing")
-        self.streams += 1
-        seen = 0
-        while context.is_active():
-            with self._cond:
-                if self._generation == seen:
-                    self._cond.wait(0.05)
-                    continue
-                seen, response = self._generation, self._latest
-            yield response
-
-
-def start_agent(socket: Path) -> tuple[FakeWorkloadApi, Any]:
-    servicer = FakeWorkloadApi()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    server.add_insecure_port(f"unix:{socket}")
-    server.start()
-    return servicer, server
-
-
-@pytest.fixture
-def workload_api(short_tmp: Path) -> Iterator[tuple[FakeWorkloadApi, Path]]:
-    socket = short_tmp / "agent.sock"
-    servicer, server = start_agent(socket)
-    try:
-        yield servicer, socket
-    finally:
-        server.stop(grace=None).wait(5)
 
 
 async def test_svid_and_bundles_and_a_pushed_update(
@@ -99,7 +25,7 @@ async def test_svid_and_bundles_and_a_pushed_update(
     api, socket = workload_api
     ca = BuiltinCA("cluster1", short_tmp / "ca")
     first = ca.issue_svid()
-    api.push(_response(first, ca, {}))
+    api.push(svid_response(first, ca, {}))
 
     source = SpireIdentitySource(socket, first_update_timeout=10)
     await source.start()
@@ -122,7 +48,7 @@ async def test_svid_and_bundles_and_a_pushed_update(
         version = source.version
         second = ca.issue_svid()
         cluster2 = pki.cluster2.cert.public_bytes(DER)
-        api.push(_response(second, ca, {"spiffe://cluster2": cluster2}))
+        api.push(svid_response(second, ca, {"spiffe://cluster2": cluster2}))
         await asyncio.wait_for(source.wait_for_update(version), 10)
         assert source.svid() == second != first
         assert source.bundles().domains() == ["cluster1", "cluster2"]
@@ -140,7 +66,7 @@ async def test_agent_restart_is_survived(short_tmp: Path) -> None:
     socket = short_tmp / "agent.sock"
     ca = BuiltinCA("cluster1", short_tmp / "ca")
     api, server = start_agent(socket)
-    api.push(_response(ca.issue_svid(), ca, {}))
+    api.push(svid_response(ca.issue_svid(), ca, {}))
     source = SpireIdentitySource(socket)
     await source.start()
     try:
@@ -150,7 +76,7 @@ async def test_agent_restart_is_survived(short_tmp: Path) -> None:
         api, server = start_agent(socket)
         version = source.version
         renewed = ca.issue_svid()
-        api.push(_response(renewed, ca, {}))
+        api.push(svid_response(renewed, ca, {}))
         await asyncio.wait_for(source.wait_for_update(version), 15)
         assert source.svid() == renewed
         assert source.status().error is None
@@ -164,7 +90,7 @@ async def test_socket_argument_wins_over_the_environment(
 ) -> None:
     api, socket = workload_api
     ca = BuiltinCA("cluster1", short_tmp / "ca")
-    api.push(_response(ca.issue_svid(), ca, {}))
+    api.push(svid_response(ca.issue_svid(), ca, {}))
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", f"unix://{short_tmp}/nothing.sock")
     source = SpireIdentitySource(f"unix://{socket}")
     await source.start()
