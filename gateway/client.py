@@ -13,13 +13,25 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
+from federation.models import (
+    FederatedEndpoint,
+    FederatedService,
+    PeerInfo,
+    TokenCreate,
+    TokenCreated,
+)
+from federation.tokens import TokenInfo
 from fedgw.errors import Unavailable
 from fedgw.http import error_from_response
 from fedgw.models import Endpoint, EndpointRegistration, NetworkService, NetworkServiceRegistration
-from gateway.api.schemas import GatewayStatus, IdentityInfo
+from gateway.api.schemas import GatewayStatus, IdentityInfo, LeaveResult
 from gateway.errors import GatewayUnreachable
 
 _services = TypeAdapter(list[NetworkService])
+_tokens = TypeAdapter(list[TokenInfo])
+_peers = TypeAdapter(list[PeerInfo])
+_federated_services = TypeAdapter(list[FederatedService])
+_federated_endpoints = TypeAdapter(list[FederatedEndpoint])
 _endpoints = TypeAdapter(list[Endpoint])
 
 
@@ -135,6 +147,38 @@ class GatewayClient:
 
     async def delete_endpoint(self, name: str) -> Endpoint:
         return Endpoint.model_validate(await self._call("DELETE", f"/v1/endpoints/{name}"))
+
+    # --- federation ----------------------------------------------------------------------
+
+    async def create_token(self, request: TokenCreate) -> TokenCreated:
+        body = await self._call("POST", "/v1/tokens", json=request.model_dump(mode="json"))
+        return TokenCreated.model_validate(body)
+
+    async def tokens(self) -> list[TokenInfo]:
+        return _tokens.validate_python(await self._call("GET", "/v1/tokens"))
+
+    async def revoke_token(self, token_id: str) -> TokenInfo:
+        return TokenInfo.model_validate(await self._call("POST", f"/v1/tokens/{token_id}/revoke"))
+
+    async def join(self, token: str) -> PeerInfo:
+        return PeerInfo.model_validate(await self._call("POST", "/v1/join", json={"token": token}))
+
+    async def peers(self) -> list[PeerInfo]:
+        return _peers.validate_python(await self._call("GET", "/v1/peers"))
+
+    async def leave(self, domain: str) -> LeaveResult:
+        return LeaveResult.model_validate(await self._call("DELETE", f"/v1/peers/{domain}"))
+
+    async def peer_services(self, domain: str) -> list[FederatedService]:
+        body = await self._call("GET", f"/v1/peers/{domain}/services")
+        return _federated_services.validate_python(body)
+
+    async def peer_endpoints(
+        self, domain: str, service: str | None = None
+    ) -> list[FederatedEndpoint]:
+        params = {"service": service} if service else None
+        body = await self._call("GET", f"/v1/peers/{domain}/endpoints", params=params)
+        return _federated_endpoints.validate_python(body)
 
     # --- events ------------------------------------------------------------------------
 

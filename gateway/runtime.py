@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from federation.client import FederationClient
+from federation.service import Federation, FederationSettings
 from fedgw import __version__
 from fedgw.clock import Clock, SystemClock, to_datetime
 from fedgw.store import Store
@@ -44,7 +45,7 @@ class Gateway:
         self._registry: Registry | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._identity: FederatedIdentity | None = None
-        self._federation: FederationClient | None = None
+        self._federation: Federation | None = None
         self._started_at = 0.0
         self._started_monotonic = 0.0
 
@@ -61,8 +62,8 @@ class Gateway:
         return self._identity
 
     @property
-    def federation(self) -> FederationClient:
-        """mTLS client for calls to peer gateways."""
+    def federation(self) -> Federation:
+        """Tokens, peers, and mTLS calls to peer gateways."""
         if self._federation is None:
             raise RuntimeError("gateway is not started")
         return self._federation
@@ -87,13 +88,27 @@ class Gateway:
             await self._registry.load()
             self._identity = make_identity(s)
             await start_identity(self._identity, s)
-            self._federation = FederationClient(self._identity)
+            self._federation = Federation(
+                FederationSettings(
+                    domain=s.domain,
+                    url=s.public_url(s.listen),
+                    bundle_url=s.public_url(s.bundle_listen),
+                    bundle_refresh=s.bundle_refresh,
+                    dns_server=s.dns_server,
+                ),
+                self._store,
+                self._identity,
+                FederationClient(self._identity),
+                self.clock,
+            )
+            await self._federation.load()
         except BaseException:
             await self.stop()
             raise
         self._started_at = self.clock.now()
         self._started_monotonic = time.monotonic()
         self._spawn(self._registry.run(), "fedgw-registry")
+        self._spawn(self.federation.run(), "fedgw-bundle-refresh")
         log.info("gateway for domain %s started (state dir %s)", s.domain, s.state_dir)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -114,7 +129,7 @@ class Gateway:
         self._tasks.clear()
         self.bus.close()
         if self._federation is not None:
-            await self._federation.close()
+            await self._federation.client.close()
             self._federation = None
         if self._identity is not None:
             await self._identity.stop()

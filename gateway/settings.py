@@ -142,6 +142,12 @@ class GatewaySettings(BaseSettings):
         description="host or address peers reach this gateway at (its NAT's public address "
         "when behind one); the listen address when unset and not a wildcard",
     )
+    bundle_refresh: Duration = Field(
+        300.0, gt=0, description="how often peers' bundles are fetched without a refresh hint"
+    )
+    dns_server: HostPort | None = Field(
+        None, description="DNS server (HOST:PORT) for _fedgw._tcp SRV lookups; system's if unset"
+    )
     federated_bundles: dict[Domain, Path] = Field(
         default_factory=dict,
         description="static federation: trust bundles (SPIFFE format) of other domains",

@@ -10,7 +10,15 @@ from fastapi import FastAPI
 from fedgw import __version__
 from gateway.api.errors import install_error_handlers
 from gateway.api.limits import BodyLimit
-from gateway.api.routes import endpoints, events, federation, health, identity, services
+from gateway.api.routes import (
+    endpoints,
+    events,
+    federation,
+    health,
+    identity,
+    peers,
+    services,
+)
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings
 
@@ -41,7 +49,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Fas
     app.state.gateway = gateway
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, services, endpoints, events, identity):
+    for module in (health, services, endpoints, events, identity, peers):
         app.include_router(module.router)
     return app
 
@@ -80,4 +88,5 @@ def create_bundle_app(gateway: Gateway) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=gateway.settings.max_body_bytes)
     app.include_router(identity.bundle_router)
+    app.include_router(federation.join_router)
     return app

@@ -7,6 +7,8 @@ from datetime import datetime
 
 from pydantic import BaseModel
 
+from federation.models import PeerInfo
+
 
 class Health(BaseModel):
     status: str
@@ -43,3 +45,11 @@ class IdentityInfo(BaseModel):
     svid_expires_at: datetime | None
     error: str | None
     bundles: list[BundleInfo]
+
+
+class LeaveResult(BaseModel):
+    """The peer forgotten; ``told`` says whether it heard of it (``detail``: why not)."""
+
+    peer: PeerInfo
+    told: bool
+    detail: str | None

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from fedgw import __version__
 from fedgw.errors import FedgwError
 from fedgw.models import describe_validation_errors
-from gateway.cli import identity, lab, registry, serve, status
+from gateway.cli import federation, identity, lab, registry, serve, status
 from gateway.cli._common import CliState, state
 from gateway.settings import DEFAULT_SOCKET
 
@@ -30,6 +30,10 @@ app.add_typer(registry.nse_app, name="nse")
 app.add_typer(lab.app, name="lab")
 app.add_typer(identity.identity_app, name="identity")
 app.add_typer(identity.bundle_app, name="bundle")
+app.add_typer(federation.token_app, name="token")
+app.command("join")(federation.join)
+app.command("peers")(federation.peers)
+app.command("leave")(federation.leave)
 app.command("status")(status.status)
 app.command("events")(status.events)
 

@@ -6,12 +6,14 @@ import asyncio
 import os
 import sys
 import time
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from clusters.lab import Lab
 from gateway.cli._common import JsonOption, print_json, print_table, say
+
+if TYPE_CHECKING:
+    from clusters.lab import Lab
 
 app = typer.Typer(
     help="Simulated clusters on this machine: network namespaces, one gateway each.",
@@ -25,7 +27,13 @@ NameOption = Annotated[
 ]
 
 
-def _lab(name: str) -> Lab:
+def _lab(name: str, *, verbose: bool = True) -> Lab:
+    # Imported here: pyroute2 takes a tenth of a second to import, and only the lab
+    # commands need it.
+    from clusters.lab import Lab
+
+    if not verbose:
+        return Lab(name)
     t0 = time.monotonic()
 
     def progress(line: str) -> None:
@@ -63,7 +71,7 @@ def down(
 @app.command("status")
 def status(name: NameOption = "fedgw", as_json: bool = JsonOption) -> None:
     """Clusters, namespaces, addresses and gateway health."""
-    st = asyncio.run(Lab(name).status())
+    st = asyncio.run(_lab(name, verbose=False).status())
     if as_json:
         print_json(st)
         return
@@ -99,7 +107,7 @@ def workload_add(
     name: NameOption = "fedgw",
 ) -> None:
     """Create a workload namespace (no connectivity until fedgw wires it)."""
-    ns = asyncio.run(Lab(name).add_workload(cluster, workload))
+    ns = asyncio.run(_lab(name, verbose=False).add_workload(cluster, workload))
     say(f"workload namespace {ns}")
 
 
@@ -114,6 +122,6 @@ def exec_(
 ) -> None:
     """Run a command in a cluster's gateway node (or workload) namespace, with
     FEDGW_GATEWAY pointing at that cluster's gateway."""
-    argv, env = Lab(name).exec_command(cluster, command, workload)
+    argv, env = _lab(name, verbose=False).exec_command(cluster, command, workload)
     sys.stdout.flush()
     os.execvpe(argv[0], argv, env)  # noqa: S606 - running the user's command is the point

@@ -52,9 +52,27 @@ def ns_register(
         say(f"network service {service.name} registered; export: {_exports(service)}")
 
 
+DomainOption = typer.Option(
+    "--domain", help="List what this peer domain exports to us, asked over mTLS."
+)
+
+
 @ns_app.command("list")
-def ns_list(ctx: typer.Context, as_json: bool = JsonOption) -> None:
-    """List network services."""
+def ns_list(
+    ctx: typer.Context,
+    domain: Annotated[str | None, DomainOption] = None,
+    as_json: bool = JsonOption,
+) -> None:
+    """List network services (of this domain, or exported to it by a peer)."""
+    if domain is not None:
+        remote = with_client(ctx, lambda c: c.peer_services(domain))
+        if as_json:
+            print_json(remote)
+        else:
+            print_table(
+                ["NAME", "PAYLOAD", "DOMAIN"], [(s.name, s.payload, s.domain) for s in remote]
+            )
+        return
     services = with_client(ctx, lambda c: c.services())
     if as_json:
         print_json(services)
@@ -157,9 +175,29 @@ def nse_list(
     label: Annotated[
         list[str], typer.Option("--label", "-l", help="Only with label key=value (repeatable).")
     ] = [],  # noqa: B006
+    domain: Annotated[str | None, DomainOption] = None,
     as_json: bool = JsonOption,
 ) -> None:
-    """List endpoints."""
+    """List endpoints (of this domain, or of what a peer exports to it)."""
+    if domain is not None:
+        remote = with_client(ctx, lambda c: c.peer_endpoints(domain, service))
+        if as_json:
+            print_json(remote)
+        else:
+            print_table(
+                ["NAME", "SERVICES", "LABELS", "ROUTES", "DOMAIN"],
+                [
+                    (
+                        e.name,
+                        ",".join(e.services),
+                        ",".join(f"{k}={v}" for k, v in e.labels.items()) or "-",
+                        ",".join(str(r) for r in e.routes) or "-",
+                        e.domain,
+                    )
+                    for e in remote
+                ],
+            )
+        return
     selector = parse_labels(label)
     endpoints = with_client(ctx, lambda c: c.endpoints(service, selector))
     if as_json:

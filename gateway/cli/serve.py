@@ -42,6 +42,15 @@ def serve_command(
         str | None,
         typer.Option(help="SPIRE Workload API socket [env SPIFFE_ENDPOINT_SOCKET]."),
     ] = None,
+    svid_ttl: Annotated[
+        str | None, typer.Option(help="Built-in CA: life of the gateway's SVID [1h].")
+    ] = None,
+    ca_ttl: Annotated[
+        str | None, typer.Option(help="Built-in CA: life of a CA certificate [1d].")
+    ] = None,
+    dns_server: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the DNS server for SRV lookups [system].")
+    ] = None,
     listen: Annotated[
         str | None,
         typer.Option(help="HOST:PORT of the federation API (mutual TLS) [off]."),
@@ -78,6 +87,9 @@ def serve_command(
         health_listen=health_listen,
         log_level=log_level,
         identity=identity,
+        svid_ttl=svid_ttl,
+        ca_ttl=ca_ttl,
+        dns_server=dns_server,
         spire_socket=spire_socket,
         listen=listen,
         bundle_listen=bundle_listen,

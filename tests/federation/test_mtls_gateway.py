@@ -78,10 +78,14 @@ async def test_peer_gateways_call_each_other(
     pair: tuple[InProcessGateway, InProcessGateway],
 ) -> None:
     gw1, gw2 = pair
-    pong = await gw2.gateway.federation.request("cluster1", url(gw1), "GET", "/federation/v1/ping")
+    pong = await gw2.gateway.federation.client.request(
+        "cluster1", url(gw1), "GET", "/federation/v1/ping"
+    )
     assert pong["domain"] == "cluster1"
     assert pong["caller"] == "spiffe://cluster2/fedgw/gateway"
-    pong = await gw1.gateway.federation.request("cluster2", url(gw2), "GET", "/federation/v1/ping")
+    pong = await gw1.gateway.federation.client.request(
+        "cluster2", url(gw2), "GET", "/federation/v1/ping"
+    )
     assert pong["caller"] == "spiffe://cluster1/fedgw/gateway"
 
 
@@ -92,7 +96,9 @@ async def test_an_untrusted_domain_fails_the_handshake(short_tmp: Path) -> None:
     try:
         gw3.gateway.identity.set_bundle(gw1.gateway.identity.own_bundle())  # one-sided
         with pytest.raises(PeerUnreachable, match=r"cluster1 at https://127\.0\.0\.1"):
-            await gw3.gateway.federation.request("cluster1", url(gw1), "GET", "/federation/v1/ping")
+            await gw3.gateway.federation.client.request(
+                "cluster1", url(gw1), "GET", "/federation/v1/ping"
+            )
     finally:
         for gw in (gw1, gw3):
             await gw.client.close()
@@ -106,7 +112,9 @@ async def test_client_refuses_a_server_of_another_domain(
     # gw1's own address, but cluster2 is expected there: gw1's SVID does not chain to
     # cluster2's bundle, so the client ends the handshake.
     with pytest.raises(PeerUnreachable, match="TLS"):
-        await gw1.gateway.federation.request("cluster2", url(gw1), "GET", "/federation/v1/ping")
+        await gw1.gateway.federation.client.request(
+            "cluster2", url(gw1), "GET", "/federation/v1/ping"
+        )
 
 
 class StaticSource:

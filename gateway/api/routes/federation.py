@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel
 
+from federation.models import FederatedEndpoint, FederatedService, JoinRequest, JoinResponse
 from fedgw import __version__
+from fedgw.errors import PermissionDenied
 from gateway.api.authz import PeerGateway
-from gateway.api.deps import GatewayDep
+from gateway.api.deps import GatewayDep, RegistryDep
 
 router = APIRouter(prefix="/federation/v1", tags=["federation"])
 
@@ -21,3 +25,62 @@ class Pong(BaseModel):
 @router.get("/ping", summary="Is this peer there, and who does it think I am?")
 async def ping(gateway: GatewayDep, peer: PeerGateway) -> Pong:
     return Pong(domain=gateway.settings.domain, version=__version__, caller=str(peer))
+
+
+@router.get("/services", summary="Network services exported to the caller's domain")
+async def exported_services(
+    gateway: GatewayDep, registry: RegistryDep, peer: PeerGateway
+) -> list[FederatedService]:
+    domain = peer.trust_domain
+    return [
+        FederatedService(name=s.name, payload=s.payload, domain=gateway.settings.domain)
+        for s in registry.services()
+        if s.exported_to(domain)
+    ]
+
+
+@router.get("/endpoints", summary="Endpoints of the services exported to the caller")
+async def exported_endpoints(
+    gateway: GatewayDep,
+    registry: RegistryDep,
+    peer: PeerGateway,
+    service: Annotated[str | None, Query(description="only this service's endpoints")] = None,
+) -> list[FederatedEndpoint]:
+    domain = peer.trust_domain
+    exported = {s.name for s in registry.services() if s.exported_to(domain)}
+    if service is not None:
+        exported &= {service}
+    out = []
+    for ep in registry.endpoints(service):
+        visible = [s for s in ep.services if s in exported]
+        if visible:
+            out.append(
+                FederatedEndpoint(
+                    name=ep.name,
+                    services=visible,
+                    labels=ep.labels,
+                    routes=ep.routes,
+                    domain=gateway.settings.domain,
+                )
+            )
+    return out
+
+
+@router.delete(
+    "/peers/{domain}",
+    summary="The caller leaves: this gateway forgets it",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+async def peer_leaves(domain: str, gateway: GatewayDep, peer: PeerGateway) -> Response:
+    if peer.trust_domain != domain:
+        raise PermissionDenied(f"{peer} may not end the federation of {domain}")
+    await gateway.federation.peer_left(domain)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+join_router = APIRouter(tags=["bundle endpoint"])
+
+
+@join_router.post("/join", summary="Join this domain with a token it issued")
+async def accept_join(body: JoinRequest, gateway: GatewayDep) -> JoinResponse:
+    return await gateway.federation.accept_join(body)

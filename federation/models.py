@@ -1,0 +1,117 @@
+"""Records of federation that cross process boundaries: peers, join messages, and what
+a domain shows its peers of its registry."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fedgw.durations import Duration
+from fedgw.models import Network
+from fedgw.names import Domain, LabelKey, LabelValue, Name
+
+PeerState = Literal["active", "unreachable"]
+
+
+class PeerRecord(BaseModel):
+    """A domain this gateway federates with, as stored."""
+
+    domain: Domain
+    url: str | None = Field(None, description="its federation API")
+    bundle_url: str | None = Field(None, description="its bundle endpoint")
+    bundle: str = Field(description="its trust bundle, SPIFFE format")
+    joined_at: datetime
+    joined_via: str = Field(description="how the federation was made")
+    last_bundle_refresh: datetime | None = None
+    last_contact: datetime | None = None
+    state: PeerState = "active"
+    last_error: str | None = None
+
+
+class PeerInfo(BaseModel):
+    """What ``fedgw peers`` shows of a peer."""
+
+    domain: str
+    url: str | None
+    bundle_url: str | None
+    bundle_fingerprint: str
+    bundle_sequence: int
+    joined_at: datetime
+    joined_via: str
+    last_bundle_refresh: datetime | None
+    last_contact: datetime | None
+    state: PeerState
+    last_error: str | None
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ttl: Duration = Field(600.0, description="how long the token may be used (max 1d)")
+    uses: int = Field(1, ge=1, le=1000)
+    description: str = Field("", max_length=200)
+
+
+class TokenCreated(BaseModel):
+    """The token line is shown once, here, and never again."""
+
+    token: str
+    id: str
+    expires_at: datetime
+    uses: int
+
+
+class JoinCommand(BaseModel):
+    """Local API: join the domain that issued ``token``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=4096)
+
+
+class JoinRequest(BaseModel):
+    """What a joining gateway sends to the issuer's bundle endpoint.
+
+    ``svid`` (PEM chain) and ``proof`` (a signature by the SVID's key over the other
+    fields, see :func:`federation.join.proof_message`) show that the joiner holds an SVID
+    of ``domain`` that ``bundle`` verifies.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_id: str = Field(max_length=64)
+    secret: str = Field(max_length=256)
+    domain: Domain
+    url: str | None = Field(None, max_length=512)
+    bundle_url: str | None = Field(None, max_length=512)
+    bundle: str = Field(max_length=65536)
+    svid: str = Field(max_length=65536)
+    timestamp: float
+    proof: str = Field(max_length=2048)
+
+
+class JoinResponse(BaseModel):
+    domain: Domain
+    url: str | None
+    bundle_url: str | None
+    bundle: str
+
+
+class FederatedService(BaseModel):
+    """A network service as its domain shows it to a peer it is exported to."""
+
+    name: Name
+    payload: str
+    domain: Domain
+
+
+class FederatedEndpoint(BaseModel):
+    """An endpoint as its domain shows it to a peer: no workload, no pool."""
+
+    name: Name
+    services: list[Name]
+    labels: dict[LabelKey, LabelValue]
+    routes: list[Network]
+    domain: Domain
