@@ -37,7 +37,7 @@ async def test_gateway_on_spire_talks_to_a_builtin_peer(
         assert info.spiffe_id == "spiffe://cluster1/fedgw/gateway"
         gw1.gateway.identity.set_bundle(gw2.gateway.identity.own_bundle())
         gw2.gateway.identity.set_bundle(gw1.gateway.identity.own_bundle())
-        pong = await gw2.gateway.federation.request(
+        pong = await gw2.gateway.federation.client.request(
             "cluster1", url(gw1), "GET", "/federation/v1/ping"
         )
         assert pong["caller"] == "spiffe://cluster2/fedgw/gateway"
