@@ -112,3 +112,26 @@ class InterfaceDied(DataplaneError, Unavailable):
 
 # A daemon that is restarting refuses connections for a moment; a timeout may pass too.
 _TRANSIENT_UAPI = _TRANSIENT | {errnos.ECONNREFUSED, errnos.ETIMEDOUT}
+
+
+# --- appended for wires, policy routing and the reconciler ----------------------------
+
+
+class WireConflict(DataplaneError, Conflict):
+    """A wire or peer contradicts one already in place: the same address, prefix or
+    interface name with a different destination (e.g. two connections of one peer
+    given the same address pair), or a workload interface name that is taken."""
+
+    code = "wire_conflict"
+
+
+class UnknownPeer(DataplaneError, NotFound):
+    """The data plane has no tunnel to that peer domain (``ensure_peer`` comes first)."""
+
+    code = "unknown_peer"
+
+
+class WireNotFound(DataplaneError, NotFound):
+    """The data plane has no wire for that connection."""
+
+    code = "wire_not_found"

@@ -1,0 +1,976 @@
+"""The data plane for real, with wireguard-go between gateway namespaces: pings and TCP through
+wires, overlap, MTU, PIDs, the reconciler. Namespaces are ``fgwd-*``; none outlives a test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import ipaddress
+import os
+import re
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedgw.models import Workload
+from tests.hostcheck import host_snapshot
+from tests.wireguard.conftest import needs_wireguard_go
+from wireguard.dataplane import Dataplane, DataplaneSettings, DesiredState
+from wireguard.drivers import (
+    Endpoint,
+    InterfaceRef,
+    InterfaceSpec,
+    UserspaceDriver,
+    UserspaceSettings,
+)
+from wireguard.drivers.uapi import SOCKET_DIR
+from wireguard.errors import UnknownPeer, WireConflict
+from wireguard.keys import PrivateKey
+from wireguard.netns import (
+    Interface,
+    Neighbour,
+    Network,
+    Route,
+    Rtnl,
+    Rule,
+    ThreadedRtnl,
+    create_netns,
+    delete_netns,
+    in_netns,
+    netns_exists,
+    netns_pids,
+    run,
+)
+from wireguard.wires import ClientWire, EndpointWire, PeerTunnel, process_start_ticks
+
+pytestmark = [needs_wireguard_go, pytest.mark.root]
+
+PORT = 51820
+PAIR = ipaddress.ip_network("172.16.1.0/31")
+ENDPOINT_ADDRESS = ipaddress.ip_interface("172.16.1.0/31")
+CLIENT_ADDRESS = ipaddress.ip_interface("172.16.1.1/31")
+OFFERED = ipaddress.ip_network("10.60.0.0/16")
+SERVICE_ADDRESS = "10.60.0.1"  # on the endpoint's lo: reached through the offered route
+
+
+def port(peer: str) -> int:
+    """The port a gateway's tunnel to ``peer`` listens on."""
+    return PORT + ord(peer[0])
+
+
+def pair(n: int) -> tuple[Interface, Interface]:
+    """The n-th /31 of 172.16.0.0/16: (endpoint address, client address)."""
+    base = int(ipaddress.ip_address("172.16.0.0")) + 2 * n
+    return (
+        ipaddress.ip_interface(f"{ipaddress.ip_address(base)}/31"),
+        ipaddress.ip_interface(f"{ipaddress.ip_address(base + 1)}/31"),
+    )
+
+
+@dataclass
+class Gateway:
+    domain: str
+    netns: str
+    key: PrivateKey
+    dataplane: Dataplane
+    addresses: dict[str, str] = field(default_factory=dict)
+    """Underlay address of this gateway toward each peer domain."""
+
+    def tunnel_to(self, other: Gateway, **extra: Any) -> PeerTunnel:
+        # One interface per peer, so one UDP port per peer too.
+        return PeerTunnel(
+            domain=other.domain,
+            private_key=self.key,
+            public_key=other.key.public_key(),
+            endpoint=Endpoint.parse(f"{other.addresses[self.domain]}:{port(self.domain)}"),
+            listen_port=port(other.domain),
+            **extra,
+        )
+
+
+@dataclass
+class DataplaneLab:
+    """Namespaces, gateways and processes of one test, and their removal."""
+
+    tmp: Path
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    namespaces: list[str] = field(default_factory=list)
+    gateways: dict[str, Gateway] = field(default_factory=dict)
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    driver: UserspaceDriver | None = None
+    drivers: list[UserspaceDriver] = field(default_factory=list)
+    """Further drivers (a "restarted gateway" has its own)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    underlays: int = 0
+
+    @property
+    def prefix(self) -> str:
+        """Interface prefix: unique per test, so wireguard-go names are unique on the host."""
+        return f"d{self.tag[:4]}"
+
+    def userspace(self) -> UserspaceDriver:
+        if self.driver is None:
+            self.driver = UserspaceDriver(
+                UserspaceSettings(log_dir=self.tmp / "wg-logs", stop_timeout=2.0)
+            )
+        return self.driver
+
+    async def netns(self, label: str) -> str:
+        name = f"fgwd-{self.tag}-{label}"
+        self.namespaces.append(name)
+        await create_netns(name)
+        return name
+
+    async def gateway(self, domain: str, **settings: Any) -> Gateway:
+        ns = await self.netns(f"gw{domain}")
+        merged = {**self.settings, **settings}
+        dp = Dataplane(DataplaneSettings(netns=ns, prefix=self.prefix, **merged), self.userspace())
+        await dp.open()
+        gw = Gateway(domain, ns, PrivateKey.generate(), dp)
+        self.gateways[domain] = gw
+        return gw
+
+    async def underlay(self, a: Gateway, b: Gateway, *, mtu: int = 1500) -> None:
+        """A veth between two gateway nodes, in a /24 of its own."""
+        n = self.underlays
+        self.underlays += 1
+        ip_a, ip_b = f"198.18.{n}.1", f"198.18.{n}.2"
+        name = f"u{b.domain}"
+        async with Rtnl(a.netns) as rtnl:
+            await rtnl.add_veth(name, f"u{a.domain}", b.netns)
+            await rtnl.set_link(name, mtu=mtu, up=True)
+            await rtnl.add_address(name, f"{ip_a}/24")
+        async with Rtnl(b.netns) as rtnl:
+            await rtnl.set_link(f"u{a.domain}", mtu=mtu, up=True)
+            await rtnl.add_address(f"u{a.domain}", f"{ip_b}/24")
+        a.addresses[b.domain] = ip_a
+        b.addresses[a.domain] = ip_b
+
+    async def peer(self, a: Gateway, b: Gateway, **extra: Any) -> None:
+        await a.dataplane.ensure_peer(a.tunnel_to(b, **extra))
+        await b.dataplane.ensure_peer(b.tunnel_to(a, **extra))
+
+    async def workload(self, label: str, *, service: str | None = None) -> str:
+        ns = await self.netns(label)
+        if service is not None:
+            async with Rtnl(ns) as rtnl:
+                await rtnl.add_address("lo", f"{service}/32")
+        return ns
+
+    async def spawn(self, *argv: str) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        self.processes.append(proc)
+        return proc
+
+    async def cleanup(self) -> None:
+        problems: list[str] = []
+        for gw in self.gateways.values():
+            try:
+                # Removing everything is the reconciler's job; teardown exercises it.
+                report = await gw.dataplane.purge()
+                problems += report.failures
+            except Exception as exc:
+                problems.append(f"reconcile to nothing in {gw.netns}: {exc!r}")
+            with contextlib.suppress(Exception):
+                if await _clamping_tables(gw.netns):
+                    problems.append(f"nftables table left in {gw.netns}")
+            await gw.dataplane.close()
+        for driver in [self.driver, *self.drivers]:
+            if driver is not None:
+                await driver.close()
+        for proc in self.processes:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        # Whatever still runs in the test's namespaces (a daemon a failed test left).
+        for _ in range(50):
+            pids = netns_pids(self.namespaces)
+            if not pids:
+                break
+            problems.append(f"processes left: {sorted(pids)}")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.05)
+        sockets = sorted(p.name for p in _our_sockets(self.prefix))
+        if sockets:
+            problems.append(f"UAPI sockets left: {sockets}")
+            for path in _our_sockets(self.prefix):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        for ns in self.namespaces:
+            await delete_netns(ns)
+        problems += [f"namespace left: {ns}" for ns in self.namespaces if netns_exists(ns)]
+        problems += [f"pid left: {pid}" for pid in netns_pids(self.namespaces)]
+        assert not problems, f"teardown: {problems}"
+
+
+def _our_sockets(prefix: str) -> list[Path]:
+    if not SOCKET_DIR.exists():
+        return []
+    return [p for p in SOCKET_DIR.iterdir() if p.name.startswith(prefix)]
+
+
+async def _clamping_tables(netns: str) -> list[str]:
+    out = await run("ip", "netns", "exec", netns, "nft", "list", "tables")
+    return [line for line in out.splitlines() if "fedgw_" in line]
+
+
+def _root_namespace() -> dict[str, Any]:
+    """What must never change: the host's own namespace (other tests may add
+    namespaces and daemons meanwhile, so those are not compared)."""
+    snap = host_snapshot()
+    return {k: snap[k] for k in ("links", "addresses", "routes", "rules", "ip_forward")}
+
+
+@pytest.fixture
+async def dlab(tmp_path: Path) -> AsyncIterator[DataplaneLab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    before = _root_namespace()
+    lab = DataplaneLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        await lab.cleanup()
+        assert _root_namespace() == before
+
+
+# --- traffic -------------------------------------------------------------------------------------
+
+
+def _in(where: str) -> list[str]:
+    """The argv prefix that runs a command in a namespace given by name or path."""
+    if where.startswith("/proc/"):
+        return ["nsenter", f"--net={where}"]
+    return ["ip", "netns", "exec", where]
+
+
+async def ping(
+    where: str,
+    dst: str,
+    *,
+    count: int = 3,
+    interval: float = 0.2,
+    size: int | None = None,
+    df: bool = False,
+) -> tuple[int, int]:
+    argv = [*_in(where), "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1"]
+    if size is not None:
+        argv += ["-s", str(size)]
+    if df:
+        argv += ["-M", "do"]
+    out = await run(*argv, dst, check=False)
+    found = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    if not found:
+        return (0, 0)  # refused before sending (e.g. the message is too long)
+    return int(found[1]), int(found[2])
+
+
+def _sock(family: int = socket.AF_INET) -> Callable[[], socket.socket]:
+    return lambda: socket.socket(family, socket.SOCK_STREAM)
+
+
+async def tcp_transfer(server_ns: str, server: str, client_ns: str, size: int) -> str:
+    """Send ``size`` random bytes from a client socket in ``client_ns`` to a server socket
+    in ``server_ns``; the SHA-256 the server computed (it must equal the sender's)."""
+    listener = await in_netns(server_ns, _sock())
+    client = await in_netns(client_ns, _sock())
+    loop = asyncio.get_running_loop()
+    payload = os.urandom(size)
+    try:
+        listener.setblocking(False)
+        listener.bind((server, 5201))
+        listener.listen(1)
+        client.setblocking(False)
+
+        async def receive() -> str:
+            conn, _ = await loop.sock_accept(listener)
+            digest = hashlib.sha256()
+            with conn:
+                while chunk := await loop.sock_recv(conn, 65536):
+                    digest.update(chunk)
+            return digest.hexdigest()
+
+        receiving = asyncio.create_task(receive())
+        async with asyncio.timeout(30):
+            await loop.sock_connect(client, (server, 5201))
+            await loop.sock_sendall(client, payload)
+            client.shutdown(socket.SHUT_WR)
+            got = await receiving
+    finally:
+        listener.close()
+        client.close()
+    assert got == hashlib.sha256(payload).hexdigest()
+    return got
+
+
+async def whoami_server(
+    ns: str, address: str, name: bytes
+) -> tuple[socket.socket, asyncio.Task[None]]:
+    """A TCP server on ``address``:7000 in ``ns`` that says ``name`` to whoever connects."""
+    listener = await in_netns(ns, _sock())
+    listener.setblocking(False)
+    listener.bind((address, 7000))
+    listener.listen(8)
+    loop = asyncio.get_running_loop()
+
+    async def serve() -> None:
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            with conn:
+                await loop.sock_sendall(conn, name)
+
+    return listener, asyncio.create_task(serve())
+
+
+async def whoami(ns: str, address: str) -> bytes:
+    client = await in_netns(ns, _sock())
+    loop = asyncio.get_running_loop()
+    client.setblocking(False)
+    try:
+        async with asyncio.timeout(5):
+            await loop.sock_connect(client, (address, 7000))
+            return await loop.sock_recv(client, 100)
+    finally:
+        client.close()
+
+
+async def wg_dump(netns: str, name: str) -> list[list[str]]:
+    out = await run("ip", "netns", "exec", netns, "wg", "show", name, "dump")
+    return [line.split("\t") for line in out.strip().splitlines()]
+
+
+# --- a two-domain set-up ------------------------------------------------------------------------
+
+
+@dataclass
+class Pair:
+    """Client C in domain a (gateway gwA), endpoint E in domain b (gateway gwB)."""
+
+    a: Gateway
+    b: Gateway
+    client: str
+    endpoint: str
+
+    def wires(
+        self,
+        cid: str = "conn-1",
+        n: int | None = None,
+        *,
+        client: str | None = None,
+        endpoint: str | None = None,
+        ifname: str = "nsm0",
+        routes: tuple[Network, ...] = (OFFERED,),
+        mtu: int | None = None,
+    ) -> tuple[ClientWire, EndpointWire]:
+        e_addr, c_addr = (ENDPOINT_ADDRESS, CLIENT_ADDRESS) if n is None else pair(n)
+        cw = ClientWire(
+            connection_id=cid,
+            peer=self.b.domain,
+            workload=Workload(netns=client or self.client),
+            interface=ifname,
+            address=c_addr,
+            endpoint_address=e_addr,
+            routes=routes,
+            mtu=mtu,
+        )
+        ew = EndpointWire(
+            connection_id=cid,
+            peer=self.a.domain,
+            workload=Workload(netns=endpoint or self.endpoint),
+            interface=ifname,
+            address=e_addr,
+            client_address=c_addr,
+            routes=routes,
+            mtu=mtu,
+        )
+        return cw, ew
+
+    async def attach(self, cw: ClientWire, ew: EndpointWire) -> None:
+        await self.b.dataplane.attach_endpoint(ew)
+        await self.a.dataplane.attach_client(cw)
+
+
+async def two_domains(
+    lab: DataplaneLab, *, underlay_mtu: int = 1500, peered: bool = True, **settings: Any
+) -> Pair:
+    a = await lab.gateway("a", **settings)
+    b = await lab.gateway("b", **settings)
+    await lab.underlay(a, b, mtu=underlay_mtu)
+    if peered:
+        await lab.peer(a, b)
+    client = await lab.workload("c")
+    endpoint = await lab.workload("e", service=SERVICE_ADDRESS)
+    return Pair(a, b, client, endpoint)
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+async def test_a_wire_carries_ping_and_tcp_and_wg_show_agrees(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    cw, ew = p.wires()
+    await p.attach(cw, ew)
+
+    assert await ping(p.client, str(ENDPOINT_ADDRESS.ip)) == (3, 3)
+    assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)  # the offered prefix
+    assert await ping(p.endpoint, str(CLIENT_ADDRESS.ip)) == (3, 3)
+    await tcp_transfer(p.endpoint, SERVICE_ADDRESS, p.client, 4 << 20)
+
+    status = await p.a.dataplane.state()
+    assert status.driver == "userspace"
+    [peer] = status.peers
+    assert peer.domain == "b"
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]
+    assert peer.last_handshake is not None
+    assert peer.rx_bytes > 4 << 20 or peer.tx_bytes > 4 << 20
+    [row] = [r for r in await wg_dump(p.a.netns, peer.interface) if len(r) == 8]
+    pub, _psk, endpoint, allowed, handshake, rx, tx, _keepalive = row
+    assert pub == str(p.b.key.public_key())
+    assert endpoint == f"{p.b.addresses['a']}:{port('a')}"
+    assert allowed.split(",") == peer.allowed_ips
+    assert int(handshake) == int(peer.last_handshake.timestamp())
+    assert int(rx) >= peer.rx_bytes
+    assert int(tx) >= peer.tx_bytes
+    # B's tunnel lets A send from the client address only.
+    [peer_b] = (await p.b.dataplane.state()).peers
+    assert peer_b.allowed_ips == ["172.16.1.1/32"]
+
+    [wire] = status.wires
+    async with Rtnl(p.a.netns) as rtnl:
+        # No address of any connection in the gateway namespace: overlap stays possible.
+        # (The kernel's own IPv6 link-local address is scoped to the link: harmless.)
+        addresses = await rtnl.addresses(wire.gateway_interface)
+        assert [a for _, a in addresses if not a.ip.is_link_local] == []
+        tunnel = await rtnl.link(peer.interface)
+        assert tunnel is not None
+        assert tunnel.mtu == 1420
+    async with Rtnl(p.client) as rtnl:
+        nsm0 = await rtnl.link("nsm0")
+        assert nsm0 is not None
+        assert nsm0.mtu == 1420
+        assert [a for _, a in await rtnl.addresses("nsm0") if a.version == 4] == [CLIENT_ADDRESS]
+
+
+async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    assert await ping(p.client, str(ENDPOINT_ADDRESS.ip), count=1) == (1, 1)
+    [before_a] = (await p.a.dataplane.state()).peers
+    [before_b] = (await p.b.dataplane.state()).peers
+    assert before_a.last_handshake is not None
+
+    other_client = await dlab.workload("c2")
+    other_endpoint = await dlab.workload("e2")
+    pinging = asyncio.create_task(ping(p.client, SERVICE_ADDRESS, count=40, interval=0.05))
+    await asyncio.sleep(0.2)
+    cw, ew = p.wires(
+        "conn-2",
+        7,
+        client=other_client,
+        endpoint=other_endpoint,
+        routes=(ipaddress.ip_network("10.70.0.0/16"), OFFERED),
+    )
+    await p.attach(cw, ew)
+    assert await ping(other_client, str(ew.address.ip), count=2) == (2, 2)
+    [during] = (await p.a.dataplane.state()).peers
+    assert during.allowed_ips == ["10.60.0.0/16", "10.70.0.0/16", "172.16.0.14/32", "172.16.1.0/32"]
+    assert await p.a.dataplane.detach("conn-2")
+    assert await p.b.dataplane.detach("conn-2")
+    assert not await p.a.dataplane.detach("conn-2")
+    assert await pinging == (40, 40)  # not one packet lost
+
+    [after_a] = (await p.a.dataplane.state()).peers
+    [after_b] = (await p.b.dataplane.state()).peers
+    assert after_a.last_handshake == before_a.last_handshake  # the same session
+    assert after_b.last_handshake == before_b.last_handshake
+    # The shared prefix stays for the first connection; the other one's went.
+    assert after_a.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]
+    assert after_b.allowed_ips == ["172.16.1.1/32"]
+    async with Rtnl(other_client) as rtnl:
+        assert await rtnl.find("nsm0") is None
+
+
+async def test_two_peers_handing_out_the_same_prefixes_both_work(dlab: DataplaneLab) -> None:
+    a = await dlab.gateway("a")
+    b = await dlab.gateway("b")
+    d = await dlab.gateway("d")
+    await dlab.underlay(a, b)
+    await dlab.underlay(a, d)
+    await dlab.peer(a, b)
+    await dlab.peer(a, d)
+    c1, c2 = await dlab.workload("c1"), await dlab.workload("c2")
+    e_b = await dlab.workload("eb", service=SERVICE_ADDRESS)
+    e_d = await dlab.workload("ed", service=SERVICE_ADDRESS)
+    via_b = Pair(a, b, c1, e_b)
+    via_d = Pair(a, d, c2, e_d)
+    # Both peers give 172.16.1.0/31 and route 10.60.0.0/16, to two clients of gateway a.
+    await via_b.attach(*via_b.wires("conn-b"))
+    await via_d.attach(*via_d.wires("conn-d"))
+    servers = [
+        await whoami_server(e_b, SERVICE_ADDRESS, b"B"),
+        await whoami_server(e_d, SERVICE_ADDRESS, b"D"),
+    ]
+    try:
+        results = await asyncio.gather(
+            ping(c1, str(ENDPOINT_ADDRESS.ip), count=5, interval=0.1),
+            ping(c2, str(ENDPOINT_ADDRESS.ip), count=5, interval=0.1),
+            ping(c1, SERVICE_ADDRESS, count=5, interval=0.1),
+            ping(c2, SERVICE_ADDRESS, count=5, interval=0.1),
+        )
+        assert list(results) == [(5, 5)] * 4
+        assert await whoami(c1, SERVICE_ADDRESS) == b"B"
+        assert await whoami(c2, SERVICE_ADDRESS) == b"D"
+    finally:
+        for listener, task in servers:
+            task.cancel()
+            listener.close()
+    status = await a.dataplane.state()
+    assert {p.domain: p.allowed_ips for p in status.peers} == {
+        "b": ["10.60.0.0/16", "172.16.1.0/32"],
+        "d": ["10.60.0.0/16", "172.16.1.0/32"],
+    }
+    assert len({t for w in status.wires for t in w.tables}) == 2  # one table per peer
+
+
+async def test_two_endpoints_offering_one_prefix_to_clients_of_one_peer(dlab: DataplaneLab) -> None:
+    """Two replicas of a service in b offer the same prefix; a's two clients each reach
+    the replica their connection chose (told apart by the client's source address)."""
+    p = await two_domains(dlab)
+    c2 = await dlab.workload("c2")
+    e2 = await dlab.workload("e2", service=SERVICE_ADDRESS)
+    await p.attach(*p.wires("conn-1", 1))
+    await p.attach(*p.wires("conn-2", 2, client=c2, endpoint=e2))
+    servers = [
+        await whoami_server(p.endpoint, SERVICE_ADDRESS, b"E1"),
+        await whoami_server(e2, SERVICE_ADDRESS, b"E2"),
+    ]
+    try:
+        assert await whoami(p.client, SERVICE_ADDRESS) == b"E1"
+        assert await whoami(c2, SERVICE_ADDRESS) == b"E2"
+    finally:
+        for listener, task in servers:
+            task.cancel()
+            listener.close()
+
+
+async def test_a_df_ping_fills_the_mtu_exactly(dlab: DataplaneLab) -> None:
+    # Underlay MTU 1450: the tunnel takes 1370 (found from the route to the peer).
+    p = await two_domains(dlab, underlay_mtu=1450)
+    await p.attach(*p.wires())
+    [peer] = (await p.a.dataplane.state()).peers
+    assert peer.mtu == 1370
+    largest = 1370 - 28  # IPv4 header and ICMP header
+    dst = str(ENDPOINT_ADDRESS.ip)
+    assert await ping(p.client, dst, count=2, size=largest, df=True) == (2, 2)
+    # One byte more does not fit the client's interface, and DF forbids fragments.
+    out = await run(
+        *_in(p.client),
+        "ping",
+        "-n",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "-M",
+        "do",
+        "-s",
+        str(largest + 1),
+        dst,
+        check=False,
+    )
+    assert "1 packets transmitted, 0 received, +1 errors" in out  # EMSGSIZE, not a loss
+    assert await ping(p.endpoint, str(CLIENT_ADDRESS.ip), count=2, size=largest, df=True) == (2, 2)
+
+
+async def test_a_workload_given_by_pid(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    # A namespace with no name, held by one process: how a pod looks to the gateway.
+    proc = await dlab.spawn("unshare", "--net", "sh", "-c", "echo ready; exec sleep 300")
+    assert proc.stdout is not None
+    assert await proc.stdout.readline() == b"ready\n"
+    cw, ew = p.wires()
+    ticks = await asyncio.to_thread(process_start_ticks, proc.pid)
+    cw = ClientWire(
+        connection_id=cw.connection_id,
+        peer=cw.peer,
+        workload=Workload(pid=proc.pid, pid_start_ticks=ticks),
+        interface="nsm0",
+        address=cw.address,
+        endpoint_address=cw.endpoint_address,
+        routes=cw.routes,
+    )
+    await p.attach(cw, ew)
+    where = f"/proc/{proc.pid}/ns/net"
+    await run(*_in(where), "ip", "link", "set", "lo", "up")
+    assert await ping(where, SERVICE_ADDRESS) == (3, 3)
+    # The pod goes away: its namespace takes the veth, gateway end included.
+    proc.kill()
+    await proc.wait()
+    [wire] = (await p.a.dataplane.state()).wires
+    for _ in range(50):
+        async with Rtnl(p.a.netns) as rtnl:
+            if await rtnl.find(wire.gateway_interface) is None:
+                break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the gateway end outlived the workload's namespace")
+    assert await p.a.dataplane.detach(cw.connection_id)
+
+
+async def test_a_local_connection_needs_no_tunnel(dlab: DataplaneLab) -> None:
+    a = await dlab.gateway("a")
+    client = await dlab.workload("c")
+    endpoint = await dlab.workload("e", service=SERVICE_ADDRESS)
+    common: dict[str, Any] = {
+        "connection_id": "local-1",
+        "peer": None,
+        "interface": "nsm0",
+        "routes": (OFFERED,),
+    }
+    await a.dataplane.attach_endpoint(
+        EndpointWire(
+            workload=Workload(netns=endpoint),
+            address=ENDPOINT_ADDRESS,
+            client_address=CLIENT_ADDRESS,
+            **common,
+        )
+    )
+    await a.dataplane.attach_client(
+        ClientWire(
+            workload=Workload(netns=client),
+            address=CLIENT_ADDRESS,
+            endpoint_address=ENDPOINT_ADDRESS,
+            **common,
+        )
+    )
+    assert await ping(client, SERVICE_ADDRESS) == (3, 3)
+    assert await ping(endpoint, str(CLIENT_ADDRESS.ip)) == (3, 3)
+    await tcp_transfer(endpoint, SERVICE_ADDRESS, client, 1 << 20)
+    status = await a.dataplane.state()
+    assert status.peers == []
+    first, second = status.wires
+    assert first.tables == second.tables  # one table for the connection
+    assert await a.dataplane.detach("local-1")
+    assert (await a.dataplane.state()).wires == []
+    async with ThreadedRtnl(a.netns) as rtnl:
+        assert [r for r in await rtnl.rules() if r.priority in range(20000, 20003)] == []
+        assert await rtnl.routes(range(100_000, 200_000)) == []
+
+
+async def test_what_contradicts_is_refused_and_rolled_back(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    cw, ew = p.wires()
+    await p.attach(cw, ew)
+    c2 = await dlab.workload("c2")
+    # The same address pair from the same peer for a second client: ambiguous.
+    clash, _ = p.wires("conn-2", client=c2)
+    with pytest.raises(WireConflict, match="contradicts"):
+        await p.a.dataplane.attach_client(clash)
+    # A workload interface name that is taken.
+    taken, _ = p.wires("conn-3", 3, client=p.client)
+    with pytest.raises(WireConflict, match="exists"):
+        await p.a.dataplane.attach_client(taken)
+    unknown = ClientWire(
+        connection_id="conn-4",
+        peer="nowhere.example",
+        workload=Workload(netns=c2),
+        interface="nsm0",
+        address=CLIENT_ADDRESS,
+        endpoint_address=ENDPOINT_ADDRESS,
+    )
+    with pytest.raises(UnknownPeer):
+        await p.a.dataplane.attach_client(unknown)
+    # Nothing of the refused wires stayed; the first one still works.
+    assert [w.connection_id for w in (await p.a.dataplane.state()).wires] == ["conn-1"]
+    async with Rtnl(c2) as rtnl:
+        assert await rtnl.find("nsm0") is None
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
+    report = await p.a.dataplane.reconcile(DesiredState(peers=[p.a.tunnel_to(p.b)], wires=[cw]))
+    assert report.changes == []  # what the refusals left equals what is wanted
+
+
+async def test_removing_a_peer_removes_its_wires(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    await p.attach(*p.wires("conn-1", 1))
+    await p.attach(*p.wires("conn-2", 2, ifname="nsm1"))
+    [peer] = (await p.a.dataplane.state()).peers
+    assert await p.a.dataplane.remove_peer("b") == ["conn-1", "conn-2"]
+    status = await p.a.dataplane.state()
+    assert (status.peers, status.wires) == ([], [])
+    assert not (SOCKET_DIR / f"{peer.interface}.sock").exists()
+    async with Rtnl(p.a.netns) as rtnl:
+        assert [link.name for link in await rtnl.links() if link.name.startswith(dlab.prefix)] == []
+    async with Rtnl(p.client) as rtnl:
+        assert [link.name for link in await rtnl.links()] == ["lo"]
+
+
+# --- the reconciler ----------------------------------------------------------------------------
+
+
+async def owned(gw: Gateway) -> dict[str, list[str]]:
+    """Everything fedgw owns in a gateway namespace, as text."""
+    settings = gw.dataplane.settings
+    async with ThreadedRtnl(gw.netns) as rtnl:
+        links = sorted(
+            link.name for link in await rtnl.links() if link.name.startswith(settings.prefix)
+        )
+        rules = sorted(str(r) for r in await rtnl.rules() if r.priority in settings.priorities)
+        routes = sorted(str(r) for r in await rtnl.routes(settings.tables))
+    sockets = sorted(p.name for p in _our_sockets(settings.prefix) if p.stem in links)
+    pids = [str(pid) for pid in netns_pids([gw.netns])]
+    return {"links": links, "rules": rules, "routes": routes, "sockets": sockets, "pids": pids}
+
+
+def desired(p: Pair, *wires: tuple[ClientWire, EndpointWire]) -> tuple[DesiredState, DesiredState]:
+    return (
+        DesiredState(peers=[p.a.tunnel_to(p.b)], wires=[cw for cw, _ in wires]),
+        DesiredState(peers=[p.b.tunnel_to(p.a)], wires=[ew for _, ew in wires]),
+    )
+
+
+async def test_the_reconciler_builds_repairs_and_removes(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab, peered=False)
+    c2 = await dlab.workload("c2")
+    e2 = await dlab.workload("e2")
+    one = p.wires("conn-1", 1)
+    two = p.wires("conn-2", 2, client=c2, endpoint=e2, routes=())
+    want_a, want_b = desired(p, one, two)
+    for gw, want in ((p.a, want_a), (p.b, want_b)):
+        report = await gw.dataplane.reconcile(want)
+        assert report.failures == []
+        assert report.changed
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+    assert await ping(c2, str(two[1].address.ip), count=2) == (2, 2)
+    for gw, want in ((p.a, want_a), (p.b, want_b)):  # nothing differs: nothing is done
+        assert (await gw.dataplane.reconcile(want)).changes == []
+    [peer] = (await p.a.dataplane.state()).peers
+    tunnel = peer.interface
+    veth1, veth2 = (w.gateway_interface for w in (await p.a.dataplane.state()).wires)
+    table = (await p.a.dataplane.state()).wires[0].tables[0]
+    prefix = dlab.prefix
+
+    # Break what fedgw made, and leave things it must remove.
+    settings = p.a.dataplane.settings
+    driver = dlab.userspace()
+    stale_tunnel = f"{prefix}w{'z' * (14 - len(prefix))}"
+    stranger = await dlab.workload("x")
+    async with ThreadedRtnl(p.a.netns) as rtnl:
+        [rule] = [r for r in await rtnl.rules() if r.iif == veth1 and r.src is not None]
+        await rtnl.delete_rule(rule)
+        [route] = [r for r in await rtnl.routes(settings.tables) if r.dst == OFFERED]
+        await rtnl.delete_route(route)
+        await rtnl.delete_neighbour(Neighbour(veth2, two[0].address.ip, "00:00:00:00:00:00"))
+        await rtnl.add_veth_pair(
+            f"{prefix}c{'q' * (14 - len(prefix))}", "junk", peer_netns=stranger
+        )
+        await rtnl.add_rule(Rule(settings.rule_priority + 1, 4, table + 1, iif=f"{prefix}cgone"))
+        await rtnl.replace_route(
+            Route(ipaddress.ip_network("10.99.0.0/16"), table + 1, kind="unreachable")
+        )
+    async with ThreadedRtnl(p.client) as rtnl:
+        await rtnl.delete_address("nsm0", one[0].address)
+        await rtnl.set_link("nsm0", mtu=1300)
+
+    await driver.ensure_interface(InterfaceSpec(stale_tunnel, p.a.netns, PrivateKey.generate()))
+    await driver.remove_allowed_ips(
+        InterfaceRef(tunnel, p.a.netns), p.b.key.public_key(), [OFFERED]
+    )
+    assert (await ping(p.client, SERVICE_ADDRESS, count=1))[1] == 0  # broken
+
+    report = await p.a.dataplane.reconcile(want_a)
+    assert report.failures == []
+    text = "\n".join(report.changes)
+    for expected in (
+        f"iif {veth1} from 172.16.0.3/32 lookup",
+        f"route 10.60.0.0/16 dev {tunnel}",
+        "neighbour 172.16.0.5 lladdr",
+        "address 172.16.0.3/31 on nsm0",
+        "link nsm0",
+        f"stale wire {prefix}c",
+        f"stale tunnel {stale_tunnel} removed",
+        f"iif {prefix}cgone lookup {table + 1} (IPv4) removed",
+        f"route unreachable 10.99.0.0/16 table {table + 1} removed",
+        "peer b on",
+    ):
+        assert expected in text, f"{expected!r} not in {report.changes}"
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+    assert (await p.a.dataplane.reconcile(want_a)).changes == []
+    assert not (SOCKET_DIR / f"{stale_tunnel}.sock").exists()
+    async with Rtnl(stranger) as rtnl:
+        assert await rtnl.find("junk") is None  # its veth went with the gateway end
+
+    # A wire whose workload is gone fails alone; the rest is applied.
+    gone = ClientWire(
+        connection_id="conn-3",
+        peer="b",
+        workload=Workload(netns=f"fgwd-{dlab.tag}-nothere"),
+        interface="nsm0",
+        address=pair(3)[1],
+        endpoint_address=pair(3)[0],
+    )
+    report = await p.a.dataplane.reconcile(DesiredState(peers=want_a.peers, wires=[one[0], gone]))
+    assert len(report.failures) == 1
+    assert "conn-3" in report.failures[0]
+    assert any(f"stale wire {veth2} removed" in c for c in report.changes)
+    [peer] = (await p.a.dataplane.state()).peers
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.0.2/32"]
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+
+    # Nothing wanted: nothing of fedgw's is left, daemon and socket included.
+    await p.a.dataplane.purge()
+    assert await owned(p.a) == {"links": [], "rules": [], "routes": [], "sockets": [], "pids": []}
+    assert not (SOCKET_DIR / f"{tunnel}.sock").exists()
+
+
+async def test_a_restarted_gateway_adopts_tunnels_and_wires(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab, peered=False)
+    second = p.wires("conn-2", 2, ifname="nsm1", routes=(ipaddress.ip_network("10.70.0.0/16"),))
+    want_a, want_b = desired(p, p.wires("conn-1", 1), second)
+    await p.a.dataplane.reconcile(want_a)
+    await p.b.dataplane.reconcile(want_b)
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
+    [before] = (await p.a.dataplane.state()).peers
+    pids = netns_pids([p.a.netns])
+
+    pinging = asyncio.create_task(ping(p.client, SERVICE_ADDRESS, count=30, interval=0.05))
+    await asyncio.sleep(0.2)
+    await p.a.dataplane.close()  # the gateway goes away; the kernel state stays
+    fresh = UserspaceDriver(UserspaceSettings(log_dir=dlab.tmp / "wg-logs-2", stop_timeout=2.0))
+    dlab.drivers.append(fresh)
+    dp = Dataplane(p.a.dataplane.settings, fresh)
+    p.a.dataplane = dp
+    await dp.open()
+    report = await dp.reconcile(want_a)
+    assert (report.changes, report.failures) == ([], [])  # adopted as it was
+    assert await pinging == (30, 30)
+    [after] = (await dp.state()).peers
+    assert after.last_handshake == before.last_handshake
+    assert netns_pids([p.a.netns]) == pids  # the same wireguard-go
+    # And it goes on working incrementally from the adopted state.
+    assert await dp.detach("conn-2")
+    assert [w.connection_id for w in (await dp.state()).wires] == ["conn-1"]
+
+
+async def test_mss_clamping_lets_larger_workload_mtus_through(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab, mss_clamping=True)
+    # Workloads at 1500 behind a 1420 tunnel: without clamping, full-size segments
+    # would be dropped at the tunnel and nobody would hear why.
+    await p.attach(*p.wires(mtu=1500))
+    tables = await _clamping_tables(p.a.netns)
+    assert tables == [f"table inet fedgw_{dlab.prefix}"]
+    ruleset = await run(
+        "ip", "netns", "exec", p.a.netns, "nft", "list", "table", "inet", f"fedgw_{dlab.prefix}"
+    )
+    assert "maxseg size set rt mtu" in ruleset
+    await tcp_transfer(p.endpoint, SERVICE_ADDRESS, p.client, 2 << 20)
+    await tcp_transfer(p.client, str(CLIENT_ADDRESS.ip), p.endpoint, 2 << 20)
+
+
+async def test_an_ipv6_wire_over_an_ipv4_underlay(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    async with Rtnl(p.endpoint) as rtnl:
+        await rtnl.add_address("lo", "fd60::1/128")
+    e_addr = ipaddress.ip_interface("fd00:16::/127")
+    c_addr = ipaddress.ip_interface("fd00:16::1/127")
+    offered = ipaddress.ip_network("fd60::/64")
+    await p.b.dataplane.attach_endpoint(
+        EndpointWire("v6", "a", Workload(netns=p.endpoint), "nsm0", e_addr, c_addr, (offered,))
+    )
+    await p.a.dataplane.attach_client(
+        ClientWire("v6", "b", Workload(netns=p.client), "nsm0", c_addr, e_addr, (offered,))
+    )
+    assert await ping(p.client, "fd60::1") == (3, 3)
+    assert await ping(p.endpoint, "fd00:16::1") == (3, 3)
+    [peer] = (await p.a.dataplane.state()).peers
+    assert peer.allowed_ips == ["fd00:16::/128", "fd60::/64"]
+    # 1420 - 40 (IPv6 header) - 8 (ICMPv6 header) fits exactly.
+    assert await ping(p.client, "fd60::1", count=1, size=1420 - 48, df=True) == (1, 1)
+
+
+async def test_a_peer_behind_nat_is_found_by_its_keepalives(dlab: DataplaneLab) -> None:
+    a = await dlab.gateway("a")
+    b = await dlab.gateway("b")
+    await dlab.underlay(a, b)
+    # b does not know where a is (a is behind NAT); a keeps the path open. (b first:
+    # a's first keepalive would otherwise meet a closed port and be retried in 5 s.)
+    behind = b.tunnel_to(a)
+    await b.dataplane.ensure_peer(
+        PeerTunnel(behind.domain, behind.private_key, behind.public_key, None, behind.listen_port)
+    )
+    await a.dataplane.ensure_peer(a.tunnel_to(b, persistent_keepalive=1))
+    p = Pair(a, b, await dlab.workload("c"), await dlab.workload("e", service=SERVICE_ADDRESS))
+    await p.attach(*p.wires())
+    for _ in range(40):  # the first keepalive makes the handshake
+        [peer_b] = (await b.dataplane.state()).peers
+        if peer_b.endpoint is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert peer_b.endpoint == f"{a.addresses['b']}:{port('b')}"
+    assert await ping(p.endpoint, str(CLIENT_ADDRESS.ip)) == (3, 3)  # b -> a first
+    [peer_a] = (await a.dataplane.state()).peers
+    assert peer_a.persistent_keepalive == 1
+    [row] = [r for r in await wg_dump(a.netns, peer_a.interface) if len(r) == 8]
+    assert row[7] == "1"
+
+
+async def test_a_rotated_key_keeps_the_wires(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
+    p.b.key = PrivateKey.generate()  # b rotates its key and tells a
+    await p.b.dataplane.ensure_peer(p.b.tunnel_to(p.a))
+    status = await p.a.dataplane.ensure_peer(p.a.tunnel_to(p.b))
+    assert status.public_key == str(p.b.key.public_key())
+    assert status.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]  # moved to the new key
+    [row] = [r for r in await wg_dump(p.a.netns, status.interface) if len(r) == 8]
+    assert row[0] == str(p.b.key.public_key())  # the old peer is gone
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+    # A second tunnel cannot take a port that one uses already.
+    d = await dlab.gateway("d")
+    taken = PeerTunnel("d", p.a.key, d.key.public_key(), listen_port=port("b"))
+    with pytest.raises(WireConflict, match="port"):
+        await p.a.dataplane.ensure_peer(taken)
+
+
+async def _kill_daemon(lab: DataplaneLab, gw: Gateway) -> None:
+    [peer] = (await gw.dataplane.state()).peers
+    pid = lab.userspace().pid(InterfaceRef(peer.interface, gw.netns))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):  # until the driver has seen it die
+        if lab.userspace().exited(InterfaceRef(peer.interface, gw.netns)) is not None:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the driver did not notice")
+
+
+async def test_a_dead_daemon_is_replaced_with_its_peer_and_routes(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
+    await _kill_daemon(dlab, p.a)  # its TUN device goes, and the routes through it
+    assert (await ping(p.client, SERVICE_ADDRESS, count=1))[1] == 0
+    [peer] = (await p.a.dataplane.state()).peers
+    assert peer.error is not None
+    # What the gateway does when the driver reports the death: ensure the peer again.
+    await p.a.dataplane.ensure_peer(p.a.tunnel_to(p.b))
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+    # Or reconcile, as at a start.
+    await _kill_daemon(dlab, p.a)
+    want = DesiredState(peers=[p.a.tunnel_to(p.b)], wires=[p.wires()[0]])
+    report = await p.a.dataplane.reconcile(want)
+    assert report.failures == []
+    assert any("route 10.60.0.0/16" in c for c in report.changes)
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)

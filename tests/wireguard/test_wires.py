@@ -1,0 +1,354 @@
+"""Wires and policy routing without root: names, table numbers, the ledger of shared
+objects, the plan of each kind of wire, validation of what the gateway asks for."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from fedgw.models import Workload
+from wireguard import clamping
+from wireguard.dataplane import DataplaneSettings
+from wireguard.errors import InvalidSpec, NamespaceNotFound, WireConflict
+from wireguard.keys import PrivateKey
+from wireguard.netns import Neighbour, Route, Rule
+from wireguard.routing import (
+    Allowed,
+    Ledger,
+    Naming,
+    Policy,
+    TableAllocator,
+    plan_tunnel,
+    plan_wire,
+    wire_tables,
+)
+from wireguard.wires import (
+    ClientWire,
+    EndpointWire,
+    PeerTunnel,
+    Wire,
+    process_start_ticks,
+    workload_netns,
+)
+
+E = ipaddress.ip_interface("172.16.1.0/31")
+C = ipaddress.ip_interface("172.16.1.1/31")
+OFFERED = ipaddress.ip_network("10.60.0.0/16")
+NAMING = Naming("fgw", "gw-a")
+POLICY = Policy(priority=20000, protocol=147)
+
+
+def net(text: str) -> Any:
+    return ipaddress.ip_network(text)
+
+
+def client(**changes: Any) -> ClientWire:
+    fields: dict[str, Any] = {
+        "connection_id": "conn-1",
+        "peer": "b.example",
+        "workload": Workload(netns="c"),
+        "interface": "nsm0",
+        "address": C,
+        "endpoint_address": E,
+        "routes": (OFFERED,),
+    }
+    return ClientWire(**(fields | changes))
+
+
+def endpoint(**changes: Any) -> EndpointWire:
+    fields: dict[str, Any] = {
+        "connection_id": "conn-1",
+        "peer": "a.example",
+        "workload": Workload(netns="e"),
+        "interface": "nsm0",
+        "address": E,
+        "client_address": C,
+        "routes": (OFFERED,),
+    }
+    return EndpointWire(**(fields | changes))
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def test_names_fit_15_characters_and_say_what_they_are() -> None:
+    tunnel = NAMING.tunnel("b.example")
+    veth_c = NAMING.veth("conn-1", "client")
+    veth_e = NAMING.veth("conn-1", "endpoint")
+    assert {len(tunnel), len(veth_c), len(veth_e)} == {15}
+    assert (tunnel[:4], veth_c[:4], veth_e[:4]) == ("fgww", "fgwc", "fgwe")
+    assert [NAMING.kind_of(n) for n in (tunnel, veth_c, veth_e)] == ["tunnel", "veth", "veth"]
+    assert NAMING.kind_of("uplink") is None
+    assert NAMING.kind_of("fgwx0123456789a") is None
+    assert NAMING.kind_of("fgww") is None  # not one of ours: too short
+    assert Naming("a1b2c3", None).tunnel("b.example").startswith("a1b2c3w")
+    # Same peer, other gateway namespace: other name (wireguard-go names are host-wide).
+    assert Naming("fgw", "gw-c").tunnel("b.example") != tunnel
+    assert NAMING.tunnel("b.example") == tunnel  # stable across runs
+
+
+def test_macs_are_stable_unicast_and_locally_administered() -> None:
+    macs = {
+        NAMING.mac(cid, role, side)
+        for cid in ("conn-1", "conn-2")
+        for role in ("client", "endpoint")
+        for side in ("gateway", "workload")
+    }
+    assert len(macs) == 8
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x03 == 0x02  # locally administered, not multicast
+    assert NAMING.mac("conn-1", "client", "gateway") == Naming("fgw", "gw-a").mac(
+        "conn-1", "client", "gateway"
+    )
+
+
+@pytest.mark.parametrize("prefix", ["", "toolong", "fg-w", "fgw ", "fgé"])
+def test_a_bad_prefix_is_refused(prefix: str) -> None:
+    with pytest.raises(InvalidSpec, match="prefix"):
+        Naming(prefix, None)
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def test_tables_are_stable_unique_and_adoptable() -> None:
+    tables = TableAllocator(range(1000, 1004))
+    first = tables.assign(("peer", "b"))
+    assert TableAllocator(range(1000, 1004)).assign(("peer", "b")) == first
+    assert tables.assign(("peer", "b")) == first
+    numbers = {first} | {tables.assign(("connection", str(i))) for i in range(3)}
+    assert numbers == {1000, 1001, 1002, 1003}
+    with pytest.raises(WireConflict, match="routing tables"):
+        tables.assign(("peer", "z"))
+    tables.release(("peer", "b"))
+    assert tables.get(("peer", "b")) is None
+    assert tables.assign(("peer", "z")) == first  # the only free one
+
+    fresh = TableAllocator(range(1000, 1004))
+    assert fresh.adopt(("peer", "b"), 1003)
+    assert not fresh.adopt(("peer", "d"), 1003)  # taken
+    assert not fresh.adopt(("peer", "d"), 99)  # not fedgw's
+    assert fresh.assign(("peer", "b")) == 1003
+    assert fresh.owner(1003) == ("peer", "b")
+
+
+# --- the ledger ------------------------------------------------------------------------------
+
+
+def test_the_ledger_counts_shared_objects_and_refuses_contradictions() -> None:
+    ledger = Ledger()
+    shared = Route(OFFERED, 7, dev="fgwwtunnel")
+    one = Route(net("172.16.1.1/32"), 7, dev="fgwcone")
+    assert ledger.acquire([shared, one]) == [shared, one]
+    assert ledger.acquire([shared]) == []  # counted, not created again
+    assert ledger.release([shared]) == []
+    assert ledger.release([shared, one]) == [shared, one]
+    assert len(ledger) == 0
+
+    ledger.acquire([one, Allowed("b", OFFERED)])
+    other = Route(net("172.16.1.1/32"), 7, dev="fgwctwo")  # same address, other wire
+    with pytest.raises(WireConflict, match="contradicts"):
+        ledger.check([other], "connection conn-2")
+    ledger.check([Route(net("172.16.1.1/32"), 8, dev="fgwctwo")], "another table: fine")
+    assert ledger.allowed("b") == (OFFERED,)
+    # The protocol number is a tag, not part of what a route is.
+    ledger.check([Route(net("172.16.1.1/32"), 7, dev="fgwcone", protocol=147)], "same")
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+
+def plan(wire: Wire) -> tuple[Any, TableAllocator]:
+    tables = TableAllocator(range(100, 200))
+    for key in wire_tables(wire):
+        tables.assign(key)
+    return (
+        plan_wire(wire, naming=NAMING, policy=POLICY, tables=tables, workload_netns="ns", mtu=1420),
+        tables,
+    )
+
+
+def test_a_client_wire_routes_through_its_peers_table() -> None:
+    wire = client()
+    p, tables = plan(wire)
+    t_peer = tables.get(("peer", "b.example"))
+    assert t_peer is not None
+    veth, tunnel = p.veth, NAMING.tunnel("b.example")
+    assert wire_tables(wire) == (("peer", "b.example"),)
+    assert set(p.objects) == {
+        Neighbour(veth, C.ip, NAMING.mac("conn-1", "client", "workload")),
+        Route(net("172.16.1.1/32"), t_peer, dev=veth),
+        Route(net("172.16.1.0/32"), t_peer, dev=tunnel),
+        Route(OFFERED, t_peer, dev=tunnel),
+        Rule(20001, 4, t_peer, iif=veth, src=net("172.16.1.1/32")),
+        Rule(20002, 4, action="blackhole", iif=veth),
+        Rule(20002, 6, action="blackhole", iif=veth),
+        Allowed("b.example", net("172.16.1.0/32")),
+        Allowed("b.example", OFFERED),
+    }
+    end = p.workload_end
+    assert (end.name, end.address, end.next_hop, end.routes, end.mtu) == (
+        "nsm0",
+        C,
+        E.ip,
+        (OFFERED,),
+        1420,
+    )
+    assert end.gateway_mac == p.mac
+    # The tunnel's own objects: its rules and the table's unreachable defaults.
+    tp = plan_tunnel("b.example", NAMING, POLICY, t_peer)
+    assert set(tp.objects) == {
+        Rule(20001, 4, t_peer, iif=tunnel),
+        Rule(20001, 6, t_peer, iif=tunnel),
+        Route(net("0.0.0.0/0"), t_peer, kind="unreachable"),
+        Route(net("::/0"), t_peer, kind="unreachable"),
+    }
+
+
+def test_an_endpoint_wire_gets_a_table_chosen_by_the_clients_source() -> None:
+    wire = endpoint()
+    p, tables = plan(wire)
+    t_peer, t_conn = tables.get(("peer", "a.example")), tables.get(("connection", "conn-1"))
+    assert t_peer is not None
+    assert t_conn not in (None, t_peer)
+    veth, tunnel = p.veth, NAMING.tunnel("a.example")
+    assert set(p.objects) == {
+        Neighbour(veth, E.ip, NAMING.mac("conn-1", "endpoint", "workload")),
+        Route(net("172.16.1.0/32"), t_conn, dev=veth),
+        Route(OFFERED, t_conn, dev=veth, via=E.ip),
+        Route(net("0.0.0.0/0"), t_conn, kind="unreachable"),
+        Route(net("::/0"), t_conn, kind="unreachable"),
+        Route(net("172.16.1.1/32"), t_peer, dev=tunnel),
+        Rule(20000, 4, t_conn, iif=tunnel, src=net("172.16.1.1/32")),
+        Rule(20001, 4, t_peer, iif=veth, src=net("172.16.1.0/32")),
+        Rule(20001, 4, t_peer, iif=veth, src=OFFERED),
+        Rule(20002, 4, action="blackhole", iif=veth),
+        Rule(20002, 6, action="blackhole", iif=veth),
+        Allowed("a.example", net("172.16.1.1/32")),
+    }
+    assert p.workload_end.routes == ()
+
+
+def test_the_two_halves_of_a_local_connection_share_one_table() -> None:
+    c, e = client(peer=None), endpoint(peer=None)
+    assert wire_tables(c) == wire_tables(e) == (("connection", "conn-1"),)
+    pc, tables = plan(c)
+    pe = plan_wire(e, naming=NAMING, policy=POLICY, tables=tables, workload_netns="e", mtu=1420)
+    t = tables.get(("connection", "conn-1"))
+    assert not [o for o in (*pc.objects, *pe.objects) if isinstance(o, Allowed)]
+    tables_used = {o.table for o in (*pc.objects, *pe.objects) if isinstance(o, Route | Rule)}
+    assert tables_used == {t, 0}  # 0: the blackhole rules
+    ledger = Ledger()
+    ledger.acquire(pc.objects)
+    ledger.check(pe.objects, "the other half")  # the shared defaults agree
+    assert pc.veth != pe.veth
+
+
+def test_overlapping_pairs_conflict_within_a_peer_only() -> None:
+    tables = TableAllocator(range(100, 200))
+    ledger = Ledger()
+
+    def add(wire: Wire) -> None:
+        for key in wire_tables(wire):
+            tables.assign(key)
+        p = plan_wire(
+            wire, naming=NAMING, policy=POLICY, tables=tables, workload_netns="n", mtu=1420
+        )
+        ledger.check(p.objects, wire.connection_id)
+        ledger.acquire(p.objects)
+
+    add(client(connection_id="via-b"))
+    add(client(connection_id="via-d", peer="d.example"))  # same pair, other peer: fine
+    # Same pair from the same peer: the gateway could not tell the clients apart.
+    with pytest.raises(WireConflict):
+        add(client(connection_id="again-b"))
+    # Two endpoints offering one prefix to two clients of one peer: fine.
+    add(
+        endpoint(
+            connection_id="e1",
+            address=ipaddress.ip_interface("172.16.2.0/31"),
+            client_address=ipaddress.ip_interface("172.16.2.1/31"),
+        )
+    )
+    add(
+        endpoint(
+            connection_id="e2",
+            address=ipaddress.ip_interface("172.16.3.0/31"),
+            client_address=ipaddress.ip_interface("172.16.3.1/31"),
+        )
+    )
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"endpoint_address": ipaddress.ip_interface("172.16.2.0/31")}, "is not in"),
+        ({"endpoint_address": C}, "both ends"),
+        ({"endpoint_address": ipaddress.ip_interface("fd00::/127")}, "different families"),
+        ({"interface": "a-very-long-interface"}, "1 to 15"),
+        ({"interface": "ns/0"}, "1 to 15"),
+        ({"peer": "Not A Domain"}, "peer domain"),
+        ({"mtu": 1000}, "MTU"),
+        ({"connection_id": ""}, "connection id"),
+        ({"routes": ("10.0.0.0/8",)}, "not a network"),
+    ],
+)
+def test_a_malformed_wire_is_refused(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSpec, match=message):
+        client(**changes)
+
+
+def test_routes_are_canonical() -> None:
+    wire = client(routes=(net("10.70.0.0/16"), OFFERED, OFFERED))
+    assert wire.routes == (OFFERED, net("10.70.0.0/16"))
+
+
+def test_a_peer_tunnel_is_checked() -> None:
+    key = PrivateKey.generate()
+    with pytest.raises(InvalidSpec, match="own public key"):
+        PeerTunnel("b.example", key, key.public_key())
+    with pytest.raises(InvalidSpec, match="keepalive"):
+        PeerTunnel("b.example", key, PrivateKey.generate().public_key(), persistent_keepalive=-1)
+
+
+def test_settings_are_checked() -> None:
+    assert DataplaneSettings().tables == range(100_000, 200_000)
+    with pytest.raises(ValidationError, match="prefix"):
+        DataplaneSettings(prefix="much-too-long")
+    with pytest.raises(ValidationError, match="reserved"):
+        DataplaneSettings(table_base=250, table_count=16)
+    with pytest.raises(ValidationError):
+        DataplaneSettings(rule_priority=32765)
+
+
+def test_the_clamping_ruleset_names_the_gateways_tunnels() -> None:
+    text = clamping.ruleset("fgw", "w")
+    assert "table inet fedgw_fgw {" in text
+    assert (
+        'oifname "fgww*" tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu' in text
+    )
+    assert 'iifname "fgww*"' in text
+    assert text.startswith("table inet fedgw_fgw\ndelete table inet fedgw_fgw\n")
+
+
+# --- workloads ---------------------------------------------------------------------------------
+
+
+def test_a_workload_by_pid_is_its_processes_namespace() -> None:
+    pid = os.getpid()
+    ticks = process_start_ticks(pid)
+    assert ticks is not None
+    assert workload_netns(Workload(pid=pid, pid_start_ticks=ticks)) == f"/proc/{pid}/ns/net"
+    assert workload_netns(Workload(pid=pid)) == f"/proc/{pid}/ns/net"
+    with pytest.raises(NamespaceNotFound, match="restarted"):
+        workload_netns(Workload(pid=pid, pid_start_ticks=ticks + 1))
+    with pytest.raises(NamespaceNotFound):
+        workload_netns(Workload(netns="fgwd-no-such-namespace"))

@@ -1,0 +1,965 @@
+"""The data plane of one gateway: tunnels to peer domains and wires of connections, set up
+incrementally as connections come and go, and reconciled against the kernel at start."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wireguard import clamping
+from wireguard.drivers.base import (
+    InterfaceRef,
+    InterfaceSpec,
+    PeerSpec,
+    WireGuardDriver,
+    plan_peer,
+)
+from wireguard.errors import (
+    DataplaneError,
+    InvalidSpec,
+    LinkNotFound,
+    NetlinkFailed,
+    UnknownPeer,
+    WireConflict,
+)
+from wireguard.netns import LinkDetails, Neighbour, Route, Rule, ThreadedRtnl, in_netns
+from wireguard.routing import (
+    PRIORITY_SPAN,
+    TUNNEL_LETTER,
+    Allowed,
+    GatewayObject,
+    Ledger,
+    Naming,
+    Policy,
+    TableAllocator,
+    TableKey,
+    TunnelPlan,
+    WirePlan,
+    check_prefix,
+    describe,
+    host_prefix,
+    object_key,
+    plan_tunnel,
+    plan_wire,
+    wire_tables,
+)
+from wireguard.wires import (
+    ClientWire,
+    EndpointWire,
+    PeerTunnel,
+    Role,
+    Wire,
+    configure_workload_end,
+    is_our_end,
+    repair_workload_end,
+    wire_key,
+    workload_netns,
+)
+
+log = logging.getLogger(__name__)
+
+WIREGUARD_OVERHEAD = 80
+"""IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
+DEFAULT_UNDERLAY_MTU = 1500
+_RESERVED_TABLES = frozenset({0, 253, 254, 255})
+
+
+class DataplaneSettings(BaseModel):
+    """How one gateway runs its data plane."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    netns: str | None = Field(
+        None, description="the gateway-node namespace; None: the gateway's own namespace"
+    )
+    prefix: str = Field(
+        "fgw",
+        description="start of every interface name fedgw creates (1-6 letters/digits); "
+        "gateways sharing a host or a namespace need different prefixes",
+    )
+    underlay_mtu: int | None = Field(
+        None,
+        ge=1280 + WIREGUARD_OVERHEAD,
+        description="MTU of the underlay; None: that of the route to each peer (else 1500)",
+    )
+    mtu: int | None = Field(
+        None,
+        ge=1280,
+        le=65535,
+        description="MTU of tunnels and workload interfaces; None: underlay MTU minus 80",
+    )
+    mss_clamping: bool = Field(
+        False, description="clamp the TCP MSS of SYNs through the tunnels to the route MTU"
+    )
+    disable_rp_filter: bool = Field(
+        True,
+        description="turn the reverse-path filter off in the gateway namespace: it looks "
+        "sources up without the input interface, so it cannot see per-peer tables; "
+        "WireGuard's allowed IPs and fedgw's per-wire source rules check sources instead",
+    )
+    table_base: int = Field(100_000, ge=1, description="first routing table fedgw uses")
+    table_count: int = Field(100_000, ge=16, description="how many tables fedgw may use")
+    rule_priority: int = Field(
+        20_000, ge=1, le=32765 - PRIORITY_SPAN, description="fedgw's rules take 3 priorities"
+    )
+    route_protocol: int = Field(
+        147, ge=5, le=255, description="protocol number tagging fedgw's routes and rules"
+    )
+
+    @field_validator("prefix")
+    @classmethod
+    def _check_prefix(cls, value: str) -> str:
+        try:
+            return check_prefix(value)
+        except InvalidSpec as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _check_tables(self) -> DataplaneSettings:
+        if any(t in self.tables for t in _RESERVED_TABLES) or self.tables.stop > 2**32:
+            raise ValueError(
+                f"tables {self.tables.start}..{self.tables.stop - 1} overlap reserved ones"
+            )
+        return self
+
+    @property
+    def tables(self) -> range:
+        return range(self.table_base, self.table_base + self.table_count)
+
+    @property
+    def priorities(self) -> range:
+        return range(self.rule_priority, self.rule_priority + PRIORITY_SPAN)
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+class PeerStatus(BaseModel):
+    """One tunnel, as ``fedgw status`` shows it."""
+
+    domain: str
+    interface: str
+    public_key: str
+    endpoint: str | None
+    listen_port: int | None
+    mtu: int
+    persistent_keepalive: int
+    allowed_ips: list[str]
+    last_handshake: datetime | None
+    rx_bytes: int
+    tx_bytes: int
+    error: str | None = None
+
+
+class WireStatus(BaseModel):
+    """One wire: which interfaces carry it and what it routes."""
+
+    connection_id: str
+    role: Role
+    peer: str | None
+    gateway_interface: str
+    workload: str
+    workload_interface: str
+    address: str
+    other_address: str
+    routes: list[str]
+    mtu: int
+    tables: list[int]
+
+
+class DataplaneStatus(BaseModel):
+    driver: str
+    driver_name: str
+    netns: str | None
+    peers: list[PeerStatus]
+    wires: list[WireStatus]
+
+
+class ReconcileReport(BaseModel):
+    """What a reconciliation changed, and what it could not bring about (each wire or
+    peer that failed is left out; the rest is applied)."""
+
+    changes: list[str] = Field(default_factory=list)
+    failures: list[str] = Field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+
+@dataclass(frozen=True, slots=True)
+class DesiredState:
+    """Everything the data plane should hold, as the gateway builds it from its store."""
+
+    peers: Sequence[PeerTunnel] = ()
+    wires: Sequence[Wire] = ()
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    peer: PeerTunnel
+    plan: TunnelPlan
+    mtu: int
+
+
+@dataclass(slots=True)
+class _Model:
+    """What the data plane holds: the desired objects and the table numbers."""
+
+    tables: TableAllocator
+    ledger: Ledger = field(default_factory=Ledger)
+    tunnels: dict[str, _Tunnel] = field(default_factory=dict)
+    wires: dict[tuple[str, Role], WirePlan] = field(default_factory=dict)
+
+    def table_in_use(self, key: TableKey) -> bool:
+        kind, name = key
+        if kind == "peer":
+            return name in self.tunnels
+        return any(cid == name for cid, _ in self.wires)
+
+
+class Dataplane:
+    """Tunnels and wires of one gateway, in its gateway-node namespace.
+
+    Use it as ``async with Dataplane(settings, driver) as dp``. Operations are serialised;
+    each one changes only the objects it needs (a wire's veth, rules and routes, and its
+    peer's allowed IPs, incrementally), so adding or removing a connection never resets
+    the session of a tunnel. A failed operation is rolled back. :meth:`reconcile` brings
+    the kernel to a whole desired state, removing what fedgw owns and nobody wants.
+    """
+
+    def __init__(self, settings: DataplaneSettings, driver: WireGuardDriver) -> None:
+        self.settings = settings
+        self.driver = driver
+        self.naming = Naming(settings.prefix, settings.netns or _own_netns())
+        self.policy = Policy(settings.rule_priority, settings.route_protocol)
+        self._model = _Model(TableAllocator(settings.tables))
+        self._lock = asyncio.Lock()
+        self._rtnl: ThreadedRtnl | None = None
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the netlink session of the gateway namespace and prepare it (forwarding,
+        reverse-path filter, MSS clamping)."""
+        if self._rtnl is None:
+            rtnl = ThreadedRtnl(self.settings.netns)
+            await rtnl.__aenter__()
+            self._rtnl = rtnl
+        async with self._lock:
+            await self._prepare()
+
+    async def close(self) -> None:
+        """Close the session; tunnels and wires stay (a restarted gateway adopts them)."""
+        if self._rtnl is not None:
+            await self._rtnl.__aexit__(None, None, None)
+            self._rtnl = None
+
+    async def __aenter__(self) -> Dataplane:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def rtnl(self) -> ThreadedRtnl:
+        if self._rtnl is None:
+            raise RuntimeError("Dataplane used before open()")
+        return self._rtnl
+
+    def _ref(self, ifname: str) -> InterfaceRef:
+        return InterfaceRef(ifname, self.settings.netns)
+
+    async def _sysctl(self, key: str, value: str) -> bool:
+        """Set a sysctl of the gateway namespace; False if it had that value already or
+        does not exist there (IPv6 turned off)."""
+        path = Path("/proc/sys", *key.split("."))
+
+        def write() -> bool:
+            try:
+                if path.read_text().strip() == value:
+                    return False
+                path.write_text(value)
+            except FileNotFoundError:
+                return False
+            return True
+
+        if self.settings.netns is None:
+            return await asyncio.to_thread(write)
+        return await in_netns(self.settings.netns, write)
+
+    async def _prepare(self) -> list[str]:
+        changes = []
+        wanted = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
+        if self.settings.disable_rp_filter:
+            wanted |= {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"}
+        for key, value in wanted.items():
+            if await self._sysctl(key, value):
+                changes.append(f"sysctl {key}={value}")
+        netns, prefix = self.settings.netns, self.settings.prefix
+        if self.settings.mss_clamping:
+            if not await clamping.has_clamping(netns, prefix):
+                await clamping.apply_clamping(netns, prefix, TUNNEL_LETTER)
+                changes.append(f"nftables table {clamping.table_name(prefix)}")
+        elif await clamping.remove_clamping(netns, prefix):
+            changes.append(f"nftables table {clamping.table_name(prefix)} removed")
+        return changes
+
+    # --- tunnels ------------------------------------------------------------------------
+
+    async def _tunnel_mtu(self, peer: PeerTunnel) -> int:
+        if peer.mtu is not None:
+            return peer.mtu
+        if self.settings.mtu is not None:
+            return self.settings.mtu
+        underlay = self.settings.underlay_mtu
+        if underlay is None and peer.endpoint is not None:
+            underlay = await self.rtnl.route_mtu(peer.endpoint.host)
+        return max((underlay or DEFAULT_UNDERLAY_MTU) - WIREGUARD_OVERHEAD, 1280)
+
+    def _interface_spec(self, tunnel: _Tunnel) -> InterfaceSpec:
+        return InterfaceSpec(
+            name=tunnel.plan.interface,
+            netns=self.settings.netns,
+            private_key=tunnel.peer.private_key,
+            listen_port=tunnel.peer.listen_port,
+            mtu=tunnel.mtu,
+        )
+
+    def _peer_spec(self, peer: PeerTunnel, ledger: Ledger) -> PeerSpec:
+        return PeerSpec(
+            public_key=peer.public_key,
+            endpoint=peer.endpoint,
+            allowed_ips=ledger.allowed(peer.domain),
+            persistent_keepalive=peer.persistent_keepalive,
+            preshared_key=peer.preshared_key,
+        )
+
+    async def _sync_interface(self, tunnel: _Tunnel) -> list[str]:
+        """Create or adopt the tunnel's WireGuard interface and bring it to ``tunnel``
+        (key, port, MTU); its peers are left alone. What changed."""
+        ref = self._ref(tunnel.plan.interface)
+        before = None
+        with contextlib.suppress(DataplaneError):
+            before = await self.driver.state(ref)
+        state = await self.driver.ensure_interface(self._interface_spec(tunnel))
+        if before is None:
+            return [f"tunnel {ref.name} to {tunnel.peer.domain}"]
+        if (before.public_key, before.listen_port) != (state.public_key, state.listen_port):
+            return [f"tunnel {ref.name} reconfigured"]
+        return []
+
+    async def _sync_allowed(self, tunnel: _Tunnel, ledger: Ledger) -> list[str]:
+        """Bring the tunnel's one peer to ``tunnel`` with exactly the allowed IPs of the
+        ledger (only what differs is written: the session stays); remove other peers."""
+        ref = self._ref(tunnel.plan.interface)
+        state = await self.driver.state(ref)
+        desired = self._peer_spec(tunnel.peer, ledger)
+        changes = []
+        if plan_peer(state.peer(desired.public_key), desired) is not None:
+            await self.driver.set_peer(ref, desired)
+            changes.append(f"peer {tunnel.peer.domain} on {ref.name}")
+        for other in state.peers:
+            if other.public_key != desired.public_key:
+                await self.driver.remove_peer(ref, other.public_key)
+                changes.append(f"stale peer {other.public_key} removed from {ref.name}")
+        return changes
+
+    async def _restore_routes(self, dev: str) -> None:
+        """Put back the routes through ``dev`` that the kernel dropped with an earlier
+        incarnation of it (a wireguard-go that died took its TUN device along)."""
+        want = {o for o in self._model.ledger if isinstance(o, Route) and o.dev == dev}
+        if not want:
+            return
+        have = set(await self.rtnl.routes(self.settings.tables))
+        for route in want - have:
+            await self.rtnl.replace_route(route)
+
+    async def ensure_peer(self, peer: PeerTunnel) -> PeerStatus:
+        """Create or update the tunnel to ``peer.domain``: its WireGuard interface, its one
+        peer (with the allowed IPs of the wires through it), its table and rules. A
+        changed remote key replaces the peer; a changed local key resets the session."""
+        async with self._lock:
+            model = self._model
+            _check_port(peer, model)
+            old = model.tunnels.get(peer.domain)
+            key: TableKey = ("peer", peer.domain)
+            table = model.tables.assign(key)
+            plan = plan_tunnel(peer.domain, self.naming, self.policy, table)
+            tunnel = _Tunnel(peer, plan, await self._tunnel_mtu(peer))
+            new: list[GatewayObject] = []
+            if old is None:
+                model.ledger.check(plan.objects, f"peer {peer.domain}")
+                new = model.ledger.acquire(plan.objects)
+            try:
+                remade = await self._sync_interface(tunnel)
+                await self._sync_allowed(tunnel, model.ledger)
+                await self._apply(new)
+            except BaseException:
+                if old is None:
+                    await self._shielded(self._remove(model.ledger.release(plan.objects)))
+                    with contextlib.suppress(DataplaneError):
+                        await self.driver.remove_interface(self._ref(plan.interface))
+                    model.tables.release(key)
+                raise
+            model.tunnels[peer.domain] = tunnel
+            if remade and old is not None:
+                await self._restore_routes(plan.interface)
+            return await self._peer_status(tunnel)
+
+    async def remove_peer(self, domain: str) -> list[str]:
+        """Remove the tunnel to ``domain`` and every wire through it; the ids of the
+        connections whose wires went with it."""
+        async with self._lock:
+            model = self._model
+            # Out of the model first: the wires' allowed IPs need not be taken off an
+            # interface that is about to go.
+            tunnel = model.tunnels.pop(domain, None)
+            plans = [p for p in model.wires.values() if p.wire.peer == domain]
+            for plan in plans:
+                await self._detach(plan)
+            if tunnel is not None:
+                await self._remove(model.ledger.release(tunnel.plan.objects))
+                await self.driver.remove_interface(self._ref(tunnel.plan.interface))
+            model.tables.release(("peer", domain))
+            return sorted({p.wire.connection_id for p in plans})
+
+    # --- wires ------------------------------------------------------------------------------
+
+    async def attach_client(self, wire: ClientWire) -> WireStatus:
+        """Wire a client (NSC) into its connection. Idempotent; a changed wire replaces
+        the old one."""
+        return await self._attach(wire)
+
+    async def attach_endpoint(self, wire: EndpointWire) -> WireStatus:
+        """Wire an endpoint (NSE) into its connection. Idempotent; a changed wire
+        replaces the old one."""
+        return await self._attach(wire)
+
+    async def detach(self, connection_id: str) -> bool:
+        """Remove the wires of a connection (both ends, if it is local); False if it had
+        none. Nothing else is touched: shared routes and allowed IPs stay while others
+        need them."""
+        async with self._lock:
+            plans = [p for (cid, _), p in self._model.wires.items() if cid == connection_id]
+            for plan in plans:
+                await self._detach(plan)
+            return bool(plans)
+
+    def _wire_mtu(self, wire: Wire, model: _Model) -> int:
+        if wire.mtu is not None:
+            return wire.mtu
+        if wire.peer is not None:
+            return model.tunnels[wire.peer].mtu
+        if self.settings.mtu is not None:
+            return self.settings.mtu
+        underlay = self.settings.underlay_mtu or DEFAULT_UNDERLAY_MTU
+        return max(underlay - WIREGUARD_OVERHEAD, 1280)
+
+    def _plan(self, wire: Wire, model: _Model) -> tuple[WirePlan, list[TableKey]]:
+        """Plan ``wire`` against ``model`` (assigning its tables); the tables newly
+        assigned, to release if the wire does not come about."""
+        if wire.peer is not None and wire.peer not in model.tunnels:
+            raise UnknownPeer(f"no tunnel to peer {wire.peer} (ensure_peer first)")
+        netns = workload_netns(wire.workload)
+        assigned: list[TableKey] = []
+        for key in wire_tables(wire):
+            if model.tables.get(key) is None:
+                assigned.append(key)
+            model.tables.assign(key)
+        try:
+            plan = plan_wire(
+                wire,
+                naming=self.naming,
+                policy=self.policy,
+                tables=model.tables,
+                workload_netns=netns,
+                mtu=self._wire_mtu(wire, model),
+            )
+            what = f"connection {wire.connection_id} ({wire.role})"
+            for other in model.wires.values():
+                if other.veth == plan.veth and wire_key(other.wire) != wire_key(wire):
+                    raise WireConflict(f"{what}: interface name {plan.veth} is taken")
+            model.ledger.check(plan.objects, what)
+        except BaseException:
+            for key in assigned:
+                model.tables.release(key)
+            raise
+        return plan, assigned
+
+    async def _attach(self, wire: Wire) -> WireStatus:
+        async with self._lock:
+            model = self._model
+            existing = model.wires.get(wire_key(wire))
+            if existing is not None and existing.wire == wire:
+                return self._wire_status(existing, model)
+            if existing is not None:
+                await self._detach(existing)
+            plan, assigned = self._plan(wire, model)
+            new = model.ledger.acquire(plan.objects)
+            try:
+                await self._create_veth(plan)
+                await self._apply(new)
+            except BaseException:
+                await self._shielded(self._undo_attach(plan, assigned))
+                raise
+            model.wires[wire_key(wire)] = plan
+            return self._wire_status(plan, model)
+
+    async def _undo_attach(self, plan: WirePlan, assigned: list[TableKey]) -> None:
+        model = self._model
+        try:
+            await self._remove(model.ledger.release(plan.objects))
+            await self.rtnl.delete_link(plan.veth)
+        except DataplaneError as exc:
+            log.warning("rolling back %s left something: %s", plan.veth, exc)
+        for key in assigned:
+            model.tables.release(key)
+
+    @staticmethod
+    async def _shielded(coro: Coroutine[object, object, object]) -> None:
+        # A rollback must finish even when the operation was cancelled.
+        await asyncio.shield(coro)
+
+    async def _create_veth(self, plan: WirePlan) -> None:
+        end = plan.workload_end
+        if await self.rtnl.find(plan.veth) is not None:
+            # Left behind by a gateway that died between creating and recording it.
+            await self.rtnl.delete_link(plan.veth)
+        try:
+            await self.rtnl.add_veth_pair(
+                plan.veth,
+                end.name,
+                peer_netns=end.netns,
+                mac=plan.mac,
+                peer_mac=end.mac,
+                mtu=plan.mtu,
+                up=True,
+            )
+        except NetlinkFailed as exc:
+            if exc.errno == errno.EEXIST:
+                raise WireConflict(
+                    f"connection {plan.wire.connection_id}: an interface {end.name} exists "
+                    f"in {end.netns} already"
+                ) from exc
+            raise
+        try:
+            async with ThreadedRtnl(end.netns) as rtnl:
+                await configure_workload_end(rtnl, end, self.policy.protocol)
+        except BaseException:
+            await self._shielded(self.rtnl.delete_link(plan.veth))
+            raise
+
+    async def _detach(self, plan: WirePlan) -> None:
+        # Out of the model first: if the kernel refuses a step, what is left is not
+        # wanted any more, and the next reconciliation removes it.
+        model = self._model
+        gone = model.ledger.release(plan.objects)
+        del model.wires[wire_key(plan.wire)]
+        for key in plan.tables:
+            if not model.table_in_use(key):
+                model.tables.release(key)
+        # Routes and neighbours on the veth go with it, as do the workload end, its
+        # address and its routes: removing them one by one would only cost time.
+        await self._remove(o for o in gone if not _on_link(o, plan.veth))
+        await self.rtnl.delete_link(plan.veth)
+
+    # --- gateway objects --------------------------------------------------------------------
+
+    async def _apply(self, objects: Iterable[GatewayObject]) -> None:
+        """Create objects in an order that opens the path last: neighbours, routes and
+        allowed IPs before the rules that lead traffic to them."""
+        objs = list(objects)
+        with self.rtnl.remembering_indexes():
+            for n in (o for o in objs if isinstance(o, Neighbour)):
+                await self.rtnl.set_neighbour(n)
+            for r in (o for o in objs if isinstance(o, Route)):
+                await self.rtnl.replace_route(r)
+        await self._allowed(objs, add=True)
+        for rule in (o for o in objs if isinstance(o, Rule)):
+            await self.rtnl.add_rule(rule)
+
+    async def _remove(self, objects: Iterable[GatewayObject]) -> None:
+        """Remove objects, closing the path first (rules), then what it led to."""
+        objs = list(objects)
+        for rule in (o for o in objs if isinstance(o, Rule)):
+            await self.rtnl.delete_rule(rule)
+        await self._allowed(objs, add=False)
+        for r in (o for o in objs if isinstance(o, Route)):
+            await self.rtnl.delete_route(r)
+        for n in (o for o in objs if isinstance(o, Neighbour)):
+            await self.rtnl.delete_neighbour(n)
+
+    async def _allowed(self, objs: list[GatewayObject], *, add: bool) -> None:
+        by_domain: dict[str, list[Allowed]] = {}
+        for o in objs:
+            if isinstance(o, Allowed):
+                by_domain.setdefault(o.domain, []).append(o)
+        for domain, allowed in by_domain.items():
+            tunnel = self._model.tunnels.get(domain)
+            if tunnel is None:
+                continue  # the tunnel is being set up or removed; it syncs its own list
+            ref = self._ref(tunnel.plan.interface)
+            nets = [a.prefix for a in allowed]
+            if add:
+                await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets)
+            else:
+                with contextlib.suppress(LinkNotFound):
+                    await self.driver.remove_allowed_ips(ref, tunnel.peer.public_key, nets)
+
+    # --- status -----------------------------------------------------------------------------
+
+    async def _peer_status(self, tunnel: _Tunnel) -> PeerStatus:
+        ref = self._ref(tunnel.plan.interface)
+        peer = tunnel.peer
+        status = PeerStatus(
+            domain=peer.domain,
+            interface=ref.name,
+            public_key=str(peer.public_key),
+            endpoint=str(peer.endpoint) if peer.endpoint else None,
+            listen_port=peer.listen_port,
+            mtu=tunnel.mtu,
+            persistent_keepalive=peer.persistent_keepalive,
+            allowed_ips=[str(n) for n in self._model.ledger.allowed(peer.domain)],
+            last_handshake=None,
+            rx_bytes=0,
+            tx_bytes=0,
+        )
+        try:
+            state = await self.driver.state(ref)
+        except DataplaneError as exc:
+            return status.model_copy(update={"error": str(exc)})
+        found = state.peer(peer.public_key)
+        if found is None:
+            return status.model_copy(update={"error": "the peer is missing on the interface"})
+        return status.model_copy(
+            update={
+                "listen_port": state.listen_port,
+                "endpoint": str(found.endpoint) if found.endpoint else None,
+                "allowed_ips": [str(n) for n in found.allowed_ips],
+                "last_handshake": found.last_handshake,
+                "rx_bytes": found.rx_bytes,
+                "tx_bytes": found.tx_bytes,
+            }
+        )
+
+    def _wire_status(self, plan: WirePlan, model: _Model) -> WireStatus:
+        wire = plan.wire
+        return WireStatus(
+            connection_id=wire.connection_id,
+            role=wire.role,
+            peer=wire.peer,
+            gateway_interface=plan.veth,
+            workload=str(wire.workload),
+            workload_interface=wire.interface,
+            address=str(wire.address),
+            other_address=str(wire.other_address),
+            routes=[str(r) for r in wire.routes],
+            mtu=plan.mtu,
+            tables=[t for k in plan.tables if (t := model.tables.get(k)) is not None],
+        )
+
+    async def state(self) -> DataplaneStatus:
+        """The driver, each tunnel (handshake, counters) and each wire."""
+        async with self._lock:
+            model = self._model
+            peers = [await self._peer_status(t) for _, t in sorted(model.tunnels.items())]
+            wires = [self._wire_status(p, model) for _, p in sorted(model.wires.items())]
+        return DataplaneStatus(
+            driver=self.driver.kind,
+            driver_name=self.driver.name,
+            netns=self.settings.netns,
+            peers=peers,
+            wires=wires,
+        )
+
+    # --- reconciliation ---------------------------------------------------------------------
+
+    async def reconcile(self, desired: DesiredState) -> ReconcileReport:
+        """Make the kernel hold exactly ``desired``: create what is missing, repair what
+        differs, remove every fedgw object nobody wants (interfaces with fedgw's prefix
+        and their wireguard-go daemons, rules in its priority range, routes in its
+        tables, its nftables table). What already matches is adopted untouched, sessions
+        included, so this is also how a restarted gateway starts."""
+        async with self._lock:
+            report = ReconcileReport()
+            report.changes += await self._prepare()
+            return await _Reconciliation(self, desired, report).run()
+
+    async def purge(self) -> ReconcileReport:
+        """Remove everything fedgw owns in the gateway namespace (tunnels and their
+        daemons, wires, rules, routes, the nftables table); sysctls stay as they are."""
+        report = await self.reconcile(DesiredState())
+        async with self._lock:
+            if await clamping.remove_clamping(self.settings.netns, self.settings.prefix):
+                report.changes.append(
+                    f"nftables table {clamping.table_name(self.settings.prefix)} removed"
+                )
+        return report
+
+
+def _own_netns() -> str:
+    """What tells this process's namespace apart from others on the host, for names that
+    must be unique on the host: gateways of a lab share the host, each in a namespace."""
+    return f"inode {os.stat('/proc/self/ns/net').st_ino}"
+
+
+def _check_port(peer: PeerTunnel, model: _Model) -> None:
+    """Each tunnel is an interface of its own, with a UDP port of its own."""
+    for domain, tunnel in model.tunnels.items():
+        port = tunnel.peer.listen_port
+        if domain != peer.domain and port is not None and port == peer.listen_port:
+            raise WireConflict(f"peer {peer.domain}: UDP port {port} is taken by peer {domain}")
+
+
+def _on_link(obj: GatewayObject, ifname: str) -> bool:
+    return (isinstance(obj, Route) and obj.dev == ifname) or (
+        isinstance(obj, Neighbour) and obj.dev == ifname
+    )
+
+
+class _Reconciliation:
+    """One run of :meth:`Dataplane.reconcile`: observe, plan, apply, remove."""
+
+    def __init__(self, dp: Dataplane, desired: DesiredState, report: ReconcileReport) -> None:
+        self.dp = dp
+        self.desired = desired
+        self.report = report
+        self.model = _Model(TableAllocator(dp.settings.tables))
+        self.settings = dp.settings
+        self.naming = dp.naming
+
+    def fail(self, what: str, exc: Exception) -> None:
+        log.warning("reconcile: %s: %s", what, exc)
+        self.report.failures.append(f"{what}: {exc}")
+
+    def change(self, what: str) -> None:
+        log.info("reconcile: %s", what)
+        self.report.changes.append(what)
+
+    async def run(self) -> ReconcileReport:
+        dp, rtnl = self.dp, self.dp.rtnl
+        links = {
+            link.name: link
+            for link in await rtnl.link_details()
+            if self.naming.kind_of(link.name) is not None
+        }
+        rules = [r for r in await rtnl.rules() if self._owned_rule(r)]
+        running = [
+            ref
+            for ref in await dp.driver.interfaces(self.settings.netns)
+            if self.naming.kind_of(ref.name) == "tunnel"
+        ]
+        self._adopt_tables(rules)
+        await self._plan_tunnels()
+        self._plan_wires()
+        await self._wires(links)
+        # Read only now: a veth or TUN device made again above took its routes and
+        # neighbour entries along.
+        routes = await rtnl.routes(self.settings.tables)
+        neighbours = [n for n in await rtnl.neighbours() if self.naming.kind_of(n.dev)]
+        await self._objects(set(rules), set(routes), set(neighbours))
+        for tunnel in self.model.tunnels.values():
+            try:
+                for change in await dp._sync_allowed(tunnel, self.model.ledger):
+                    self.change(change)
+            except DataplaneError as exc:
+                self.fail(f"peer {tunnel.peer.domain}", exc)
+        await self._remove_stale(links, running)
+        dp._model = self.model
+        return self.report
+
+    def _owned_rule(self, rule: Rule) -> bool:
+        if rule.priority not in self.settings.priorities:
+            return False
+        return rule.action != "lookup" or rule.table in self.settings.tables
+
+    def _adopt_tables(self, rules: list[Rule]) -> None:
+        """Keep the table numbers the kernel's rules already use for desired keys."""
+        base = self.settings.rule_priority
+        tunnels = {self.naming.tunnel(p.domain): p.domain for p in self.desired.peers}
+        veths: dict[str, Wire] = {
+            self.naming.veth(w.connection_id, w.role): w for w in self.desired.wires
+        }
+        # What comes from a peer's tunnel from a client's address belongs to the
+        # endpoint wire of that client.
+        by_source = {
+            (self.naming.tunnel(w.peer), host_prefix(w.client_address.ip)): w.connection_id
+            for w in self.desired.wires
+            if isinstance(w, EndpointWire) and w.peer is not None
+        }
+        for rule in rules:
+            if rule.action != "lookup" or rule.iif is None:
+                continue
+            key: TableKey | None = None
+            if rule.iif in tunnels and rule.priority == base + 1 and rule.src is None:
+                key = ("peer", tunnels[rule.iif])
+            elif rule.priority == base and rule.src is not None:
+                cid = by_source.get((rule.iif, rule.src))
+                key = ("connection", cid) if cid is not None else None
+            elif rule.iif in veths and veths[rule.iif].peer is None:
+                key = ("connection", veths[rule.iif].connection_id)
+            if key is not None:
+                self.model.tables.adopt(key, rule.table)
+
+    async def _plan_tunnels(self) -> None:
+        model = self.model
+        for peer in self.desired.peers:
+            key: TableKey = ("peer", peer.domain)
+            try:
+                if peer.domain in model.tunnels:
+                    raise WireConflict(f"peer {peer.domain} is listed twice")
+                _check_port(peer, model)
+                plan = plan_tunnel(
+                    peer.domain, self.naming, self.dp.policy, model.tables.assign(key)
+                )
+                mtu = await self.dp._tunnel_mtu(peer)
+                model.ledger.check(plan.objects, f"peer {peer.domain}")
+            except DataplaneError as exc:
+                self.fail(f"peer {peer.domain}", exc)
+                continue
+            model.ledger.acquire(plan.objects)
+            tunnel = _Tunnel(peer, plan, mtu)
+            try:
+                for change in await self.dp._sync_interface(tunnel):
+                    self.change(change)
+            except DataplaneError as exc:
+                model.ledger.release(plan.objects)
+                model.tables.release(key)
+                self.fail(f"peer {peer.domain}", exc)
+                continue
+            model.tunnels[peer.domain] = tunnel
+
+    def _plan_wires(self) -> None:
+        model = self.model
+        for wire in self.desired.wires:
+            what = f"connection {wire.connection_id} ({wire.role})"
+            try:
+                if wire_key(wire) in model.wires:
+                    raise WireConflict(f"{what} is listed twice")
+                plan, _ = self.dp._plan(wire, model)
+            except DataplaneError as exc:
+                self.fail(what, exc)
+                continue
+            model.ledger.acquire(plan.objects)
+            model.wires[wire_key(wire)] = plan
+
+    def _drop_wire(self, plan: WirePlan) -> None:
+        model = self.model
+        model.ledger.release(plan.objects)
+        del model.wires[wire_key(plan.wire)]
+        for key in plan.tables:
+            if not model.table_in_use(key):
+                model.tables.release(key)
+
+    async def _wires(self, links: dict[str, LinkDetails]) -> None:
+        rtnl = self.dp.rtnl
+        protocol = self.dp.policy.protocol
+        for plan in list(self.model.wires.values()):
+            what = f"connection {plan.wire.connection_id} ({plan.wire.role})"
+            end = plan.workload_end
+            link = links.get(plan.veth)
+            try:
+                ours = (
+                    link is not None
+                    and link.kind == "veth"
+                    and (link.mac or "").lower() == plan.mac
+                )
+                if ours and link is not None:
+                    async with ThreadedRtnl(end.netns) as wl:
+                        found = await wl.link_details(end.name)
+                        ours = is_our_end(found[0] if found else None, end, link.index)
+                        if ours:
+                            if link.mtu != plan.mtu or not link.up:
+                                await rtnl.set_link(plan.veth, mtu=plan.mtu, up=True)
+                                self.change(f"link {plan.veth}: mtu {plan.mtu}, up")
+                            for change in await repair_workload_end(wl, end, protocol):
+                                self.change(change)
+                if not ours:
+                    await self.dp._create_veth(plan)
+                    self.change(f"wire {plan.veth} <-> {end.name} in {end.netns}")
+            except DataplaneError as exc:
+                self.fail(what, exc)
+                self._drop_wire(plan)
+
+    async def _objects(
+        self, rules: set[Rule], routes: set[Route], neighbours: set[Neighbour]
+    ) -> None:
+        want = list(self.model.ledger)
+        rtnl = self.dp.rtnl
+        add_neighbours = [o for o in want if isinstance(o, Neighbour) and o not in neighbours]
+        add_routes = [o for o in want if isinstance(o, Route) and o not in routes]
+        add_rules = [o for o in want if isinstance(o, Rule) and o not in rules]
+        wanted = set(want)
+        adds: list[GatewayObject] = [*add_neighbours, *add_routes, *add_rules]
+        for obj in adds:
+            try:
+                if isinstance(obj, Neighbour):
+                    await rtnl.set_neighbour(obj)
+                elif isinstance(obj, Route):
+                    await rtnl.replace_route(obj)
+                elif isinstance(obj, Rule):
+                    await rtnl.add_rule(obj)
+                self.change(describe(obj))
+            except DataplaneError as exc:
+                self.fail(describe(obj), exc)
+        # Remove in the reverse order: rules first, so no packet meets a half-removed path.
+        # A route or neighbour entry that differed was overwritten above ("replace");
+        # rules are never replaced, so a differing one is stale.
+        keys = {object_key(o) for o in want}
+        stale: list[GatewayObject] = [r for r in rules if r not in wanted]
+        stale += [r for r in routes if object_key(r) not in keys and r.kind != "local"]
+        stale += [n for n in neighbours if object_key(n) not in keys]
+        for obj in stale:
+            try:
+                if isinstance(obj, Rule):
+                    await rtnl.delete_rule(obj)
+                elif isinstance(obj, Route):
+                    await rtnl.delete_route(obj)
+                elif isinstance(obj, Neighbour):
+                    await rtnl.delete_neighbour(obj)
+                self.change(f"{describe(obj)} removed")
+            except DataplaneError as exc:
+                self.fail(f"{describe(obj)} removal", exc)
+
+    async def _remove_stale(
+        self, links: dict[str, LinkDetails], running: list[InterfaceRef]
+    ) -> None:
+        dp = self.dp
+        wanted_veths = {p.veth for p in self.model.wires.values()}
+        wanted_tunnels = {t.plan.interface for t in self.model.tunnels.values()}
+        for name in links:
+            kind = self.naming.kind_of(name)
+            try:
+                if kind == "veth" and name not in wanted_veths:
+                    await dp.rtnl.delete_link(name)
+                    self.change(f"stale wire {name} removed")
+                elif kind == "tunnel" and name not in wanted_tunnels:
+                    if not await dp.driver.remove_interface(dp._ref(name)):
+                        await dp.rtnl.delete_link(name)
+                    self.change(f"stale tunnel {name} removed")
+            except DataplaneError as exc:
+                self.fail(f"removing {name}", exc)
+        for ref in running:
+            if ref.name not in wanted_tunnels and ref.name not in links:
+                try:
+                    await dp.driver.remove_interface(ref)
+                    self.change(f"stale tunnel {ref.name} removed")
+                except DataplaneError as exc:
+                    self.fail(f"removing {ref.name}", exc)

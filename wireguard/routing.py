@@ -1,0 +1,398 @@
+"""Policy routing in the gateway-node namespace: fedgw's names, numbers and ownership, and
+the rules, routes, neighbours and allowed IPs each tunnel and each wire needs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from wireguard.errors import InvalidSpec, WireConflict
+from wireguard.netns import IFNAMSIZ, Address, Neighbour, Network, Route, Rule
+from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
+
+# Why it is built this way.
+#
+# Nothing connection-specific is ever an address in the gateway namespace: an address
+# there becomes a local route that every lookup sees first (priority 0), so two peers that
+# hand out the same pair to two clients would collide. Instead:
+#
+# - The gateway end of a wire has no address. The workload reaches the other end of its
+#   point-to-point pair on-link, through a static neighbour entry that maps that address
+#   to the gateway end's MAC; the gateway reaches the workload through a static entry
+#   for the workload's address on the gateway end. Neighbour entries are per device, so
+#   the same address on two wires never meets. (A link-local next hop would work too,
+#   but would show the workload an address that is not the endpoint's.)
+# - Per peer domain, one table ``T(peer)``: the peer's prefixes (the endpoint address and
+#   offered routes of client wires, the client address of endpoint wires) through the
+#   peer's WireGuard interface, and the client addresses of client wires through their
+#   veths. Per endpoint wire (and per local connection), a table of its own holding the
+#   endpoint address and its offered routes through its veth: two endpoints of this
+#   domain may offer the same prefix to two clients of one peer, so what comes from a peer
+#   is told apart by the client's source address.
+# - Rules, at ``base`` (``P``) and up::
+#
+#       P+0  iif <peer wg> from <client address> lookup T(connection)   endpoint wires
+#       P+1  iif <peer wg> lookup T(peer)                               per peer
+#       P+1  iif <veth> from <what the workload may send from> lookup T(peer or connection)
+#       P+2  iif <veth> blackhole                                      IPv4 and IPv6
+#
+#   The last rule drops what a workload sends from an address it was not given, before
+#   the main table could forward it to the underlay. Every table ends in an
+#   ``unreachable default`` (both families), so that nothing falls through either.
+# - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
+#   priority is in ``P..P+2`` and their table in fedgw's range; routes when their table
+#   is; every rule and route also carries fedgw's protocol number, for humans.
+
+MAX_PREFIX = 6
+"""At most 6 characters, so that 8 or more remain for a hash in a 15-character name."""
+FROM_PEER, FROM_LINK, GUARD = 0, 1, 2
+PRIORITY_SPAN = 3
+DEFAULTS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+_ROLE_LETTER: dict[Role, str] = {"client": "c", "endpoint": "e"}
+TUNNEL_LETTER = "w"
+
+TableKey = tuple[Literal["peer", "connection"], str]
+
+
+def host_prefix(address: Address) -> Network:
+    return ipaddress.ip_network(address)
+
+
+def check_prefix(prefix: str) -> str:
+    if not 1 <= len(prefix) <= MAX_PREFIX or not (prefix.isascii() and prefix.isalnum()):
+        raise InvalidSpec(
+            f"interface prefix {prefix!r} must be 1 to {MAX_PREFIX} ASCII letters or digits"
+        )
+    return prefix
+
+
+def _digest(text: str, length: int) -> str:
+    raw = hashlib.sha256(text.encode()).digest()
+    return base64.b32encode(raw).decode("ascii").lower()[:length]
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """Names and MACs of what one gateway creates.
+
+    ``<prefix>w<hash of namespace and peer domain>`` for WireGuard interfaces: userspace
+    ones must be unique on the whole host (their UAPI socket is named after them), so the
+    gateway's namespace is part of the hash. ``<prefix>c<hash>``/``<prefix>e<hash>`` for
+    the gateway ends of client/endpoint wires, hashed from the connection id (unique in
+    the namespace is enough). MACs are derived too, so a restarted gateway recognises its
+    veths (and their other ends) without any stored state.
+    """
+
+    prefix: str
+    netns: str | None
+    """The gateway's namespace, or whatever identifies it on the host."""
+
+    def __post_init__(self) -> None:
+        check_prefix(self.prefix)
+
+    @property
+    def _hash_length(self) -> int:
+        return IFNAMSIZ - len(self.prefix) - 1
+
+    def tunnel(self, domain: str) -> str:
+        digest = _digest(f"{self.netns or ''}|{domain}", self._hash_length)
+        return f"{self.prefix}{TUNNEL_LETTER}{digest}"
+
+    def veth(self, connection_id: str, role: Role) -> str:
+        return f"{self.prefix}{_ROLE_LETTER[role]}{_digest(connection_id, self._hash_length)}"
+
+    def mac(self, connection_id: str, role: Role, side: Literal["gateway", "workload"]) -> str:
+        raw = hashlib.sha256(f"{self.prefix}|{connection_id}|{role}|{side}".encode()).digest()
+        # 0x02: locally administered, unicast.
+        return ":".join(f"{b:02x}" for b in (0x02, *raw[:5]))
+
+    def kind_of(self, ifname: str) -> Literal["tunnel", "veth"] | None:
+        """What fedgw made ``ifname`` for, if it is one of its names."""
+        if len(ifname) != IFNAMSIZ or not ifname.startswith(self.prefix):
+            return None
+        letter = ifname[len(self.prefix)]
+        if letter == TUNNEL_LETTER:
+            return "tunnel"
+        if letter in _ROLE_LETTER.values():
+            return "veth"
+        return None
+
+
+class TableAllocator:
+    """Routing-table numbers from a range, one per key: the first free number from a
+    hash of the key on, so that numbers mostly stay the same across runs."""
+
+    def __init__(self, tables: range) -> None:
+        self.tables = tables
+        self._by_key: dict[TableKey, int] = {}
+        self._keys: dict[int, TableKey] = {}
+
+    def get(self, key: TableKey) -> int | None:
+        return self._by_key.get(key)
+
+    def owner(self, table: int) -> TableKey | None:
+        return self._keys.get(table)
+
+    def assign(self, key: TableKey) -> int:
+        found = self._by_key.get(key)
+        if found is not None:
+            return found
+        if len(self._keys) >= len(self.tables):
+            raise WireConflict(f"all {len(self.tables)} routing tables are in use")
+        start = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big")
+        offset = start % len(self.tables)
+        while self.tables[offset] in self._keys:
+            offset = (offset + 1) % len(self.tables)
+        return self._take(key, self.tables[offset])
+
+    def adopt(self, key: TableKey, table: int) -> bool:
+        """Keep the number the kernel already uses for ``key`` (after a restart)."""
+        if table not in self.tables or key in self._by_key or table in self._keys:
+            return False
+        self._take(key, table)
+        return True
+
+    def _take(self, key: TableKey, table: int) -> int:
+        self._by_key[key] = table
+        self._keys[table] = key
+        return table
+
+    def release(self, key: TableKey) -> None:
+        table = self._by_key.pop(key, None)
+        if table is not None:
+            del self._keys[table]
+
+    def keys(self) -> list[TableKey]:
+        return list(self._by_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Allowed:
+    """One prefix a peer may send from (and is sent to)."""
+
+    domain: str
+    prefix: Network
+
+
+GatewayObject = Rule | Route | Neighbour | Allowed
+
+
+def object_key(obj: GatewayObject) -> Hashable:
+    """What must be unique: two objects with one key and different values conflict."""
+    if isinstance(obj, Rule):
+        return ("rule", obj.priority, obj.family, obj.iif, obj.src)
+    if isinstance(obj, Route):
+        return ("route", obj.table, obj.dst)
+    if isinstance(obj, Neighbour):
+        return ("neighbour", obj.dev, obj.address)
+    return ("allowed", obj.domain, obj.prefix)
+
+
+def describe(obj: GatewayObject) -> str:
+    if isinstance(obj, Rule):
+        src = f" from {obj.src}" if obj.src else ""
+        target = f"lookup {obj.table}" if obj.action == "lookup" else obj.action
+        return f"rule {obj.priority}: iif {obj.iif}{src} {target} (IPv{obj.family})"
+    if isinstance(obj, Route):
+        if obj.kind != "unicast":
+            return f"route {obj.kind} {obj.dst} table {obj.table}"
+        via = f" via {obj.via}" if obj.via else ""
+        return f"route {obj.dst}{via} dev {obj.dev} table {obj.table}"
+    if isinstance(obj, Neighbour):
+        return f"neighbour {obj.address} lladdr {obj.mac} dev {obj.dev}"
+    return f"allowed IP {obj.prefix} of peer {obj.domain}"
+
+
+class Ledger:
+    """The gateway objects wanted by tunnels and wires, counted: an object shared by
+    several wires (a peer's offered prefix, a table's default) is created by the first
+    and removed with the last."""
+
+    def __init__(self) -> None:
+        self._objects: dict[Hashable, tuple[GatewayObject, int]] = {}
+
+    def check(self, objects: Iterable[GatewayObject], what: str) -> None:
+        """:class:`WireConflict` if any object contradicts one already held."""
+        for obj in objects:
+            held = self._objects.get(object_key(obj))
+            if held is not None and held[0] != obj:
+                raise WireConflict(f"{what}: {describe(obj)} contradicts {describe(held[0])}")
+
+    def acquire(self, objects: Iterable[GatewayObject]) -> list[GatewayObject]:
+        """Count ``objects`` in (check first); those that are new."""
+        new = []
+        for obj in objects:
+            key = object_key(obj)
+            held = self._objects.get(key)
+            if held is None:
+                self._objects[key] = (obj, 1)
+                new.append(obj)
+            else:
+                self._objects[key] = (held[0], held[1] + 1)
+        return new
+
+    def release(self, objects: Iterable[GatewayObject]) -> list[GatewayObject]:
+        """Count ``objects`` out; those nobody wants any more."""
+        gone = []
+        for obj in objects:
+            key = object_key(obj)
+            held = self._objects.get(key)
+            if held is None:
+                continue
+            if held[1] <= 1:
+                del self._objects[key]
+                gone.append(held[0])
+            else:
+                self._objects[key] = (held[0], held[1] - 1)
+        return gone
+
+    def __iter__(self) -> Iterator[GatewayObject]:
+        return (obj for obj, _ in self._objects.values())
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def allowed(self, domain: str) -> tuple[Network, ...]:
+        return tuple(o.prefix for o in self if isinstance(o, Allowed) and o.domain == domain)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The numbers a gateway's objects carry."""
+
+    priority: int
+    protocol: int
+
+    def rule(self, offset: int, family: int, **kwargs: object) -> Rule:
+        return Rule(self.priority + offset, family, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
+
+    def route(self, dst: Network, table: int, **kwargs: object) -> Route:
+        return Route(dst, table, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
+
+    def defaults(self, table: int) -> list[Route]:
+        return [self.route(dst, table, kind="unreachable") for dst in DEFAULTS]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelPlan:
+    """What a peer's tunnel needs besides its WireGuard interface."""
+
+    domain: str
+    interface: str
+    table: int
+    objects: tuple[GatewayObject, ...]
+
+
+def plan_tunnel(domain: str, naming: Naming, policy: Policy, table: int) -> TunnelPlan:
+    iface = naming.tunnel(domain)
+    objects: list[GatewayObject] = [
+        policy.rule(FROM_LINK, family, table=table, iif=iface) for family in (4, 6)
+    ]
+    objects += policy.defaults(table)
+    return TunnelPlan(domain, iface, table, tuple(objects))
+
+
+@dataclass(frozen=True, slots=True)
+class WirePlan:
+    """Everything one wire needs: its veth, its objects in the gateway namespace (counted
+    in the :class:`Ledger`) and its workload end."""
+
+    wire: Wire
+    veth: str
+    """The gateway end."""
+    mac: str
+    """The gateway end's MAC."""
+    mtu: int
+    workload_end: WorkloadEnd
+    objects: tuple[GatewayObject, ...]
+    tables: tuple[TableKey, ...] = field(default=())
+
+
+def wire_tables(wire: Wire) -> tuple[TableKey, ...]:
+    """The tables a wire uses: its peer's, and one of its own unless it is the client
+    wire of a cross-domain connection."""
+    keys: list[TableKey] = []
+    if wire.peer is not None:
+        keys.append(("peer", wire.peer))
+    if wire.peer is None or isinstance(wire, EndpointWire):
+        keys.append(("connection", wire.connection_id))
+    return tuple(keys)
+
+
+def plan_wire(
+    wire: Wire,
+    *,
+    naming: Naming,
+    policy: Policy,
+    tables: TableAllocator,
+    workload_netns: str,
+    mtu: int,
+) -> WirePlan:
+    """The plan of ``wire``; its tables must have been assigned in ``tables``."""
+    cid = wire.connection_id
+    veth = naming.veth(cid, wire.role)
+    gateway_mac = naming.mac(cid, wire.role, "gateway")
+    workload_mac = naming.mac(cid, wire.role, "workload")
+    own, other = wire.address, wire.other_address
+    own_host, other_host = host_prefix(own.ip), host_prefix(other.ip)
+
+    def table(key: TableKey) -> int:
+        number = tables.get(key)
+        if number is None:
+            raise RuntimeError(f"no table assigned for {key}")
+        return number
+
+    # Where traffic from the workload is looked up (outbound), and where traffic to it
+    # is (inbound): the peer's table, or the connection's own (see the module's doc).
+    if wire.peer is None:
+        outbound = inbound = table(("connection", cid))
+    else:
+        outbound = table(("peer", wire.peer))
+        inbound = outbound if isinstance(wire, ClientWire) else table(("connection", cid))
+
+    objects: list[GatewayObject] = [Neighbour(veth, own.ip, workload_mac)]
+    # Delivery into the veth: the workload's address, and for an endpoint what it offers.
+    objects.append(policy.route(own_host, inbound, dev=veth))
+    sources: list[Network] = [own_host]
+    if isinstance(wire, EndpointWire):
+        objects += [policy.route(dst, inbound, dev=veth, via=own.ip) for dst in wire.routes]
+        sources += wire.routes
+    if ("connection", cid) in wire_tables(wire):
+        objects += policy.defaults(inbound)  # the connection's own table
+    # What the workload sends, by source; everything else from it is dropped.
+    objects += [
+        policy.rule(FROM_LINK, src.version, table=outbound, iif=veth, src=src) for src in sources
+    ]
+    objects += [policy.rule(GUARD, family, action="blackhole", iif=veth) for family in (4, 6)]
+    if wire.peer is not None:
+        tunnel = naming.tunnel(wire.peer)
+        remote = [other_host, *wire.routes] if isinstance(wire, ClientWire) else [other_host]
+        objects += [policy.route(dst, outbound, dev=tunnel) for dst in remote]
+        objects += [Allowed(wire.peer, dst) for dst in remote]
+        if isinstance(wire, EndpointWire):
+            objects.append(
+                policy.rule(FROM_PEER, other.version, table=inbound, iif=tunnel, src=other_host)
+            )
+    end = WorkloadEnd(
+        netns=workload_netns,
+        name=wire.interface,
+        mac=workload_mac,
+        gateway_mac=gateway_mac,
+        mtu=mtu,
+        address=own,
+        next_hop=other.ip,
+        routes=wire.routes if isinstance(wire, ClientWire) else (),
+    )
+    return WirePlan(
+        wire=wire,
+        veth=veth,
+        mac=gateway_mac,
+        mtu=mtu,
+        workload_end=end,
+        objects=tuple(objects),
+        tables=wire_tables(wire),
+    )
