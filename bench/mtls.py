@@ -110,7 +110,7 @@ async def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
         proc = await asyncio.create_subprocess_exec(
             FEDGW, "gateway", "serve", "--domain", "cluster1", "--state-dir", str(work / "state"),
-             "--socket", str(work / "gw.sock"), "--log-level", "warning",
+             "--socket", str(work / "gw.sock"), "--log-level", "warning", "--dataplane", "off",
              "--health-listen", f"127.0.0.1:{http_port}", "--listen", f"127.0.0.1:{tls_port}",
              "--federated-bundle", f"cluster2={work / 'cluster2.json'}",
             env=env,

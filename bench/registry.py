@@ -191,6 +191,8 @@ def start_gateway(workdir: Path) -> subprocess.Popen[bytes]:
             str(workdir / "gw.sock"),
             "--log-level",
             "warning",
+            "--dataplane",
+            "off",
         ],
         env=env,
     )

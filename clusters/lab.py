@@ -61,7 +61,7 @@ INTERNET_ADDRESS = ipaddress.IPv4Interface("198.18.0.1/24")
 HEALTH_PORT = 8080
 FEDERATION_PORT = 8443
 BUNDLE_PORT = 8444
-MAX_CLUSTERS = 100
+MAX_CLUSTERS = 99
 MAX_LAB_NAME = 20
 RESERVED_WORKLOADS = frozenset({"nat"})
 FEDGW = str(Path(sys.executable).with_name("fedgw"))
@@ -168,6 +168,12 @@ class LabLayout:
         (wireguard-go interfaces and their UAPI sockets)."""
         return hashlib.sha256(self.name.encode()).hexdigest()[:4]
 
+    def interface_prefix(self, index: int) -> str:
+        """Start of the names of a cluster gateway's interfaces: wireguard-go names are
+        host-wide, so it holds the lab's tag; fixed width, so that no cluster's prefix
+        starts another's."""
+        return f"w{self.tag[:3]}{index:02d}"
+
     def node(self, cluster: str) -> str:
         return f"{self.name}.{cluster}"
 
@@ -213,10 +219,13 @@ class Lab:
         root: Path = LAB_ROOT,
         fedgw: str = FEDGW,
         progress: Progress = _quiet,
+        gateway_args: Sequence[str] = (),
     ) -> None:
         self.layout = LabLayout(check_lab_name(name), root)
         self.fedgw = fedgw
         self.progress = progress
+        self.gateway_args = list(gateway_args)
+        """Extra ``fedgw gateway serve`` flags for every gateway (tests shorten leases)."""
 
     @property
     def name(self) -> str:
@@ -341,6 +350,9 @@ class Lab:
             "--listen", f"0.0.0.0:{FEDERATION_PORT}",
             "--bundle-listen", f"0.0.0.0:{BUNDLE_PORT}",
             "--advertise", str(c.public_address.ip),
+            "--interface-prefix", layout.interface_prefix(c.index),
+            *(["--behind-nat"] if c.nat else []),
+            *self.gateway_args,
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
         pid = await asyncio.to_thread(_spawn_detached, argv, env, layout.log(c.name))
@@ -499,15 +511,26 @@ class Lab:
         removed: list[str] = []
         namespaces = list_netns(self.layout.prefix)
         state = self.load()
-        pids = set(netns_pids(namespaces))
-        for cluster in state.clusters if state else []:
-            pid = self._gateway_pid(cluster.name)
-            if pid is not None:
-                pids.add(pid)
-        if pids:
+        gateways = {
+            pid
+            for cluster in (state.clusters if state else [])
+            if (pid := self._gateway_pid(cluster.name)) is not None
+        }
+        # Gateways first: a gateway still running might start a process again (a
+        # wireguard-go it sees die). Then whatever is left in the namespaces, in rounds,
+        # until nothing is.
+        stopped = len(gateways)
+        if gateways:
+            await _terminate(sorted(gateways))
+        for _ in range(5):
+            pids = set(netns_pids(namespaces))
+            if not pids:
+                break
             await _terminate(sorted(pids))
-            removed.append(f"{len(pids)} process(es)")
-            self.progress(f"stopped {len(pids)} process(es)")
+            stopped += len(pids)
+        if stopped:
+            removed.append(f"{stopped} process(es)")
+            self.progress(f"stopped {stopped} process(es)")
         removed += await asyncio.to_thread(self._remove_uapi_sockets)
         # Workloads first, the underlay last: a veth goes with the first of its two ends.
         for ns in sorted(namespaces, key=lambda n: (n == self.layout.underlay, -n.count("."))):
@@ -529,7 +552,7 @@ class Lab:
     def _remove_uapi_sockets(self) -> list[str]:
         """UAPI sockets of this lab's wireguard-go interfaces that outlived them."""
         removed = []
-        for sock in sorted(UAPI_DIR.glob(f"*{self.layout.tag}*.sock")):
+        for sock in sorted(UAPI_DIR.glob(f"w{self.layout.tag[:3]}*.sock")):
             sock.unlink(missing_ok=True)
             removed.append(str(sock))
         return removed
@@ -550,10 +573,15 @@ class Lab:
 
 @contextlib.asynccontextmanager
 async def running_lab(
-    name: str, clusters: int = 2, nat: Sequence[str] = (), *, progress: Progress = _quiet
+    name: str,
+    clusters: int = 2,
+    nat: Sequence[str] = (),
+    *,
+    progress: Progress = _quiet,
+    gateway_args: Sequence[str] = (),
 ) -> AsyncIterator[Lab]:
     """A lab that is up inside the block and taken down after it, whatever happens."""
-    lab = Lab(name, progress=progress)
+    lab = Lab(name, progress=progress, gateway_args=gateway_args)
     try:
         await lab.up(clusters, nat)
         yield lab
@@ -594,6 +622,13 @@ table ip fedgw_nat {{
     }}
 }}
 """
+
+
+async def spawn_in_netns(netns: str, argv: list[str], log: Path) -> int:
+    """Start ``argv`` inside a lab namespace, detached: it runs until ``fedgw lab down``
+    stops every process of the lab's namespaces."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
+    return await asyncio.to_thread(_spawn_detached, ["ip", "netns", "exec", netns, *argv], env, log)
 
 
 def _spawn_detached(argv: list[str], env: dict[str, str], log: Path) -> int:
@@ -638,13 +673,13 @@ async def _terminate(pids: Sequence[int], grace: float = 5.0) -> None:
                 os.kill(pid, sig)
         try:
             async with asyncio.timeout(grace):
-                await _exited(waiting)
+                await wait_exited(waiting)
             return
         except TimeoutError:
             continue
 
 
-async def _exited(pids: Sequence[int]) -> None:
+async def wait_exited(pids: Sequence[int]) -> None:
     """Wait until every process in ``pids`` has exited (pidfds: no polling)."""
     loop = asyncio.get_running_loop()
     waits: list[asyncio.Future[None]] = []

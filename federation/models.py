@@ -4,7 +4,7 @@ a domain shows its peers of its registry."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -115,3 +115,50 @@ class FederatedEndpoint(BaseModel):
     labels: dict[LabelKey, LabelValue]
     routes: list[Network]
     domain: Domain
+
+
+# --- connections between domains ---------------------------------------------------------
+
+ConnectionId = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+
+
+class WireGuardInfo(BaseModel):
+    """One side's tunnel: its public key, and its UDP endpoint if the other side can
+    reach it (``None`` behind NAT: it keeps the path open with keepalives)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    public_key: str = Field(min_length=44, max_length=44)
+    endpoint: str | None = Field(None, max_length=64, description="HOST:PORT")
+
+
+class ConnectionOffer(BaseModel):
+    """A client's gateway asks a serving gateway for a connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: ConnectionId
+    service: Name
+    selector: dict[LabelKey, LabelValue] = Field(default_factory=dict)
+    prefer: Name | None = Field(None, description="the endpoint to try first (healing)")
+    exclude: list[Network] = Field(
+        default_factory=list, max_length=64, description="prefixes used on the client's side"
+    )
+    wireguard: WireGuardInfo
+
+
+class ConnectionGrant(BaseModel):
+    """The serving gateway's answer: the endpoint side is wired."""
+
+    id: ConnectionId
+    endpoint: Name
+    endpoint_address: str
+    client_address: str
+    routes: list[Network]
+    wireguard: WireGuardInfo
+    expires_at: datetime
+
+
+class LeaseGrant(BaseModel):
+    id: ConnectionId
+    expires_at: datetime

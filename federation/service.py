@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,8 @@ class Federation:
         self.clock = clock
         self.tokens = TokenIssuer(store, clock)
         self.peers = PeerTable(store, identity, clock)
+        self.peer_removed: list[Callable[[str], Awaitable[None]]] = []
+        """Called with the domain after a peer is forgotten (its connections close)."""
         self.resolver = DomainResolver(
             self.peers.url,
             lambda domain: domain in identity.bundles(),
@@ -229,6 +232,8 @@ class Federation:
     async def _forget(self, domain: str) -> None:
         await self.peers.remove(domain)
         await self.client.forget(domain)
+        for hook in self.peer_removed:
+            await hook(domain)
         log.info("no longer federated with %s", domain)
 
     # --- calls ---------------------------------------------------------------------------

@@ -23,11 +23,18 @@ from federation.models import (
 from federation.tokens import TokenInfo
 from fedgw.errors import Unavailable
 from fedgw.http import error_from_response
-from fedgw.models import Endpoint, EndpointRegistration, NetworkService, NetworkServiceRegistration
+from fedgw.models import (
+    Connection,
+    Endpoint,
+    EndpointRegistration,
+    NetworkService,
+    NetworkServiceRegistration,
+)
 from gateway.api.schemas import GatewayStatus, IdentityInfo, LeaveResult
 from gateway.errors import GatewayUnreachable
 
 _services = TypeAdapter(list[NetworkService])
+_connections = TypeAdapter(list[Connection])
 _tokens = TypeAdapter(list[TokenInfo])
 _peers = TypeAdapter(list[PeerInfo])
 _federated_services = TypeAdapter(list[FederatedService])
@@ -179,6 +186,19 @@ class GatewayClient:
         params = {"service": service} if service else None
         body = await self._call("GET", f"/v1/peers/{domain}/endpoints", params=params)
         return _federated_endpoints.validate_python(body)
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def request(self, request: dict[str, Any]) -> Connection:
+        return Connection.model_validate(await self._call("POST", "/v1/connections", json=request))
+
+    async def connections(self) -> list[Connection]:
+        return _connections.validate_python(await self._call("GET", "/v1/connections"))
+
+    async def close_connection(self, connection_id: str) -> Connection:
+        return Connection.model_validate(
+            await self._call("DELETE", f"/v1/connections/{connection_id}")
+        )
 
     # --- events ------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Registry events (added / updated / deleted) and the bus that fans them out to
+"""Registry and connection events (added / updated / deleted) and the bus that fans them out to
 watchers. A watcher that falls too far behind is cut off with an explicit error rather
 than silently missing events."""
 
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from fedgw.models import Endpoint, NetworkService
+from fedgw.models import Connection, Endpoint, NetworkService
 from gateway.errors import EventStreamOverflow
 
 
@@ -23,7 +23,7 @@ class EventType(enum.StrEnum):
     DELETED = "deleted"
 
 
-ResourceKind = Literal["service", "endpoint"]
+ResourceKind = Literal["service", "endpoint", "connection"]
 
 
 class Event(BaseModel):
@@ -36,7 +36,7 @@ class Event(BaseModel):
     type: EventType
     kind: ResourceKind
     name: str
-    object: NetworkService | Endpoint
+    object: NetworkService | Endpoint | Connection
     reason: str | None = None
     time: datetime
 

@@ -17,7 +17,8 @@ from federation.service import Federation, FederationSettings
 from fedgw import __version__
 from fedgw.clock import Clock, SystemClock, to_datetime
 from fedgw.store import Store
-from gateway.api.schemas import GatewayStatus
+from gateway.api.schemas import DataplaneInfo, GatewayStatus, TunnelInfo
+from gateway.connections import ConnectionManager, load_or_create_key
 from gateway.events import EventBus
 from gateway.identity import make_identity, start_identity
 from gateway.registry import Registry
@@ -26,8 +27,18 @@ from gateway.state_dir import StateDir
 from gateway.store.sqlite import SqliteStore
 from gateway.workloads import WorkloadProbe
 from spire_integration import FederatedIdentity
+from wireguard.dataplane import Dataplane, DataplaneSettings
+from wireguard.drivers import DriverSelection, select_driver
+from wireguard.drivers.userspace import UserspaceSettings
 
 log = logging.getLogger(__name__)
+
+
+_DRIVERS: dict[str, DriverSelection] = {
+    "auto": "auto",
+    "kernel": "kernel",
+    "userspace": "userspace",
+}
 
 
 class Gateway:
@@ -46,6 +57,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[None]] = []
         self._identity: FederatedIdentity | None = None
         self._federation: Federation | None = None
+        self._connections: ConnectionManager | None = None
         self._started_at = 0.0
         self._started_monotonic = 0.0
 
@@ -67,6 +79,58 @@ class Gateway:
         if self._federation is None:
             raise RuntimeError("gateway is not started")
         return self._federation
+
+    @property
+    def connections(self) -> ConnectionManager:
+        if self._connections is None:
+            raise RuntimeError("gateway is not started")
+        return self._connections
+
+    async def _make_connections(self, probe: WorkloadProbe) -> ConnectionManager:
+        s = self.settings
+        assert self._store is not None and self._registry is not None
+        assert self._federation is not None and self._state_dir is not None
+        key = None
+        make_dataplane = None
+        if s.dataplane != "off":
+            kind = _DRIVERS[s.dataplane]
+            key = await load_or_create_key(self._state_dir.path / "wireguard.key")
+            log_dir = self._state_dir.path / "wireguard"
+
+            async def make_dataplane() -> Dataplane:
+                await asyncio.to_thread(log_dir.mkdir, mode=0o700, exist_ok=True)
+                driver = await select_driver(
+                    kind,
+                    userspace=UserspaceSettings(log_dir=log_dir),
+                    on_exit=lambda event: manager.daemon_exited(event),
+                )
+                log.info("data plane: %s (%s)", driver.kind, driver.name)
+                settings = DataplaneSettings(prefix=s.interface_prefix, mss_clamping=s.mss_clamping)
+                return Dataplane(settings, driver)
+
+        advertise = s.advertise
+        if advertise is None and s.listen is not None and s.listen[0] not in {"0.0.0.0", "::"}:
+            advertise = s.listen[0]
+        manager = ConnectionManager(
+            domain=s.domain,
+            store=self._store,
+            registry=self._registry,
+            federation=self._federation,
+            bus=self.bus,
+            clock=self.clock,
+            probe=probe,
+            dataplane=make_dataplane,
+            private_key=key,
+            advertise=advertise,
+            wireguard_port=s.wireguard_port,
+            behind_nat=s.behind_nat,
+            keepalive=s.keepalive,
+            lease=s.connection_lease,
+            handshake_timeout=s.handshake_timeout,
+            exclude=s.exclude_prefixes,
+        )
+        await manager.load()
+        return manager
 
     @property
     def store(self) -> Store:
@@ -102,6 +166,8 @@ class Gateway:
                 self.clock,
             )
             await self._federation.load()
+            self._connections = await self._make_connections(probe)
+            self._federation.peer_removed.append(self._connections.drop_peer)
         except BaseException:
             await self.stop()
             raise
@@ -109,6 +175,7 @@ class Gateway:
         self._started_monotonic = time.monotonic()
         self._spawn(self._registry.run(), "fedgw-registry")
         self._spawn(self.federation.run(), "fedgw-bundle-refresh")
+        self._spawn(self.connections.supervise(), "fedgw-connections")
         log.info("gateway for domain %s started (state dir %s)", s.domain, s.state_dir)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -121,13 +188,20 @@ class Gateway:
         task.add_done_callback(died)
         self._tasks.append(task)
 
-    async def stop(self) -> None:
-        """Stop background tasks, end event streams, flush and close the store."""
+    async def stop_background(self) -> None:
+        """Cancel the background tasks (lease expiry, supervision, bundle refresh)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+    async def stop(self) -> None:
+        """Stop background tasks, end event streams, flush and close the store."""
+        await self.stop_background()
         self.bus.close()
+        if self._connections is not None:
+            await self._connections.shutdown()
+            self._connections = None
         if self._federation is not None:
             await self._federation.client.close()
             self._federation = None
@@ -154,8 +228,27 @@ class Gateway:
     ) -> None:
         await self.stop()
 
-    def status(self) -> GatewayStatus:
+    async def status(self) -> GatewayStatus:
         total, bound = self.registry.count_endpoints()
+        dataplane = await self.connections.dataplane_status()
+        info = None
+        if dataplane is not None:
+            info = DataplaneInfo(
+                driver=f"{dataplane.driver} ({dataplane.driver_name})",
+                tunnels=[
+                    TunnelInfo(
+                        domain=p.domain,
+                        interface=p.interface,
+                        endpoint=p.endpoint,
+                        last_handshake=p.last_handshake,
+                        rx_bytes=p.rx_bytes,
+                        tx_bytes=p.tx_bytes,
+                        allowed_ips=p.allowed_ips,
+                    )
+                    for p in dataplane.peers
+                ],
+                wires=len(dataplane.wires),
+            )
         return GatewayStatus(
             domain=self.settings.domain,
             version=__version__,
@@ -169,4 +262,8 @@ class Gateway:
             endpoints=total,
             workload_bound_endpoints=bound,
             watchers=self.bus.watchers,
+            peers=len(self.federation.peers.all()),
+            connections=self.connections.counts().model_dump(),
+            dataplane=info,
+            dataplane_mode=self.settings.dataplane,
         )

@@ -43,9 +43,9 @@ def configure_logging(level: str) -> None:
         level=level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    # One line per request, and uvicorn's start/stop lines for each listener, are noise
-    # at info level (the gateway logs its listeners itself); they are there at debug.
-    for name in ("uvicorn.access", "uvicorn.error"):
+    # One line per request (served by uvicorn, or sent by httpx), and uvicorn's start/stop
+    # lines for each listener, are noise at info level; they are there at debug.
+    for name in ("uvicorn.access", "uvicorn.error", "httpx"):
         logging.getLogger(name).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
 
 
@@ -205,7 +205,8 @@ def _config(listener: Listener) -> uvicorn.Config:
         listener.app,
         lifespan="off",
         log_config=None,
-        timeout_graceful_shutdown=5,
+        # Idle TLS connections of peers can hold a close for long; do not wait on them.
+        timeout_graceful_shutdown=2,
         server_header=False,
         **tls,
     )
@@ -238,7 +239,10 @@ async def _serve_until(
         stop.cancel()
         log.info("stopping")
     finally:
-        # End event streams first, so open watchers do not hold up the shutdown.
+        # Background work stops first (it must not, say, restart a wireguard-go that is
+        # being stopped with us); then event streams end, so open watchers do not hold
+        # up the shutdown.
+        await gateway.stop_background()
         gateway.bus.close()
         for server in servers:
             server.should_exit = True

@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from fedgw.durations import Duration, format_duration
+from fedgw.models import Network
 from fedgw.names import Domain
 from gateway.errors import SettingsError
 from gateway.registry import RegistrySettings
@@ -147,6 +148,39 @@ class GatewaySettings(BaseSettings):
     )
     dns_server: HostPort | None = Field(
         None, description="DNS server (HOST:PORT) for _fedgw._tcp SRV lookups; system's if unset"
+    )
+    # the data plane
+    dataplane: Literal["auto", "kernel", "userspace", "off"] = Field(
+        "auto",
+        description="WireGuard driver: kernel where it has WireGuard, else wireguard-go "
+        "(auto); off: no connections (the gateway then never touches the network)",
+    )
+    interface_prefix: str = Field(
+        "fgw",
+        min_length=1,
+        max_length=6,
+        pattern=r"^[a-z][a-z0-9]*$",
+        description="start of every interface name fedgw creates; unique per host",
+    )
+    wireguard_port: int = Field(
+        51820, ge=1, le=65000, description="UDP port of the first tunnel; one more per peer"
+    )
+    behind_nat: bool = Field(
+        False,
+        description="peers cannot reach this gateway's UDP ports: advertise no WireGuard "
+        "endpoint and keep the paths open with keepalives",
+    )
+    keepalive: Duration = Field(25.0, ge=1, le=3600, description="WireGuard keepalive behind NAT")
+    connection_lease: Duration = Field(
+        60.0, ge=1, description="lease of a connection served here; clients refresh at a third"
+    )
+    handshake_timeout: Duration = Field(
+        180.0, ge=5, description="a tunnel whose last handshake is older is considered down"
+    )
+    mss_clamping: bool = Field(False, description="clamp TCP MSS on the tunnels (nftables)")
+    exclude_prefixes: list[Network] = Field(
+        default_factory=list,
+        description="this domain's pod and service CIDRs: never given to its clients",
     )
     federated_bundles: dict[Domain, Path] = Field(
         default_factory=dict,

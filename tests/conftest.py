@@ -40,6 +40,8 @@ def short_tmp() -> Iterator[Path]:
 
 
 def gateway_settings(base: Path, domain: str = "cluster1", **extra: Any) -> GatewaySettings:
+    # These gateways run in the host's namespace: no data plane there, ever.
+    extra.setdefault("dataplane", "off")
     return GatewaySettings(
         domain=domain, state_dir=base / "state", socket=base / "gw.sock", **extra
     )
@@ -116,6 +118,9 @@ class GatewayProcess:
                     str(self.base / "state"),
                     "--socket",
                     str(self.socket),
+                    # in the host's namespace: no data plane there, ever
+                    "--dataplane",
+                    "off",
                     *extra,
                 ],
                 stdout=log,

@@ -11,6 +11,7 @@ from fedgw import __version__
 from gateway.api.errors import install_error_handlers
 from gateway.api.limits import BodyLimit
 from gateway.api.routes import (
+    connections,
     endpoints,
     events,
     federation,
@@ -49,7 +50,7 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Fas
     app.state.gateway = gateway
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, services, endpoints, events, identity, peers):
+    for module in (health, services, endpoints, events, identity, peers, connections):
         app.include_router(module.router)
     return app
 

@@ -16,6 +16,22 @@ class Health(BaseModel):
     version: str
 
 
+class TunnelInfo(BaseModel):
+    domain: str
+    interface: str
+    endpoint: str | None
+    last_handshake: datetime | None
+    rx_bytes: int
+    tx_bytes: int
+    allowed_ips: list[str]
+
+
+class DataplaneInfo(BaseModel):
+    driver: str
+    tunnels: list[TunnelInfo]
+    wires: int
+
+
 class GatewayStatus(BaseModel):
     domain: str
     version: str
@@ -29,6 +45,10 @@ class GatewayStatus(BaseModel):
     endpoints: int
     workload_bound_endpoints: int
     watchers: int
+    peers: int = 0
+    connections: dict[str, int] = {}
+    dataplane: DataplaneInfo | None = None
+    dataplane_mode: str = "off"
 
 
 class BundleInfo(BaseModel):

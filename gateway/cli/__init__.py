@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from fedgw import __version__
 from fedgw.errors import FedgwError
 from fedgw.models import describe_validation_errors
-from gateway.cli import federation, identity, lab, registry, serve, status
+from gateway.cli import connections, federation, identity, lab, registry, serve, status
 from gateway.cli._common import CliState, state
 from gateway.settings import DEFAULT_SOCKET
 
@@ -34,6 +34,9 @@ app.add_typer(federation.token_app, name="token")
 app.command("join")(federation.join)
 app.command("peers")(federation.peers)
 app.command("leave")(federation.leave)
+app.command("request")(connections.request)
+app.command("connections")(connections.connections)
+app.command("close")(connections.close)
 app.command("status")(status.status)
 app.command("events")(status.events)
 

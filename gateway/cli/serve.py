@@ -70,6 +70,32 @@ def serve_command(
             help="DOMAIN=FILE: trust that domain's SPIFFE bundle (static federation).",
         ),
     ] = [],  # noqa: B006 - typer copies defaults
+    dataplane: Annotated[
+        str | None,
+        typer.Option(help="auto, kernel, userspace (wireguard-go) or off [auto]."),
+    ] = None,
+    interface_prefix: Annotated[
+        str | None, typer.Option(help="Start of the interface names fedgw creates [fgw].")
+    ] = None,
+    wireguard_port: Annotated[
+        int | None, typer.Option(help="UDP port of the first tunnel; one more per peer [51820].")
+    ] = None,
+    behind_nat: Annotated[
+        bool | None,
+        typer.Option(
+            "--behind-nat/--not-behind-nat",
+            help="Peers cannot reach this gateway's UDP ports (keepalives keep paths open).",
+        ),
+    ] = None,
+    connection_lease: Annotated[
+        str | None, typer.Option(help="Lease of connections served here [60s].")
+    ] = None,
+    exclude_prefix: Annotated[
+        list[str],
+        typer.Option(
+            "--exclude-prefix", help="This domain's pod/service CIDR, never given to clients."
+        ),
+    ] = [],  # noqa: B006
     config: Annotated[
         Path | None, typer.Option(help="TOML file of settings; flags and FEDGW_* win over it.")
     ] = None,
@@ -95,6 +121,12 @@ def serve_command(
         bundle_listen=bundle_listen,
         advertise=advertise,
         federated_bundles=parse_pairs(federated_bundle, "--federated-bundle") or None,
+        dataplane=dataplane,
+        interface_prefix=interface_prefix,
+        wireguard_port=wireguard_port,
+        behind_nat=behind_nat,
+        connection_lease=connection_lease,
+        exclude_prefixes=exclude_prefix or None,
     )
     # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.
     from gateway.server import configure_logging, serve

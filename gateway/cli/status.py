@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from fedgw.durations import format_duration
-from gateway.cli._common import JsonOption, print_fields, print_json, state
+from gateway.cli._common import JsonOption, print_fields, print_json, print_table, relative, state
 from gateway.client import GatewayClient
 
 
@@ -41,8 +41,32 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
                 f"{st.endpoints} ({st.workload_bound_endpoints} kept alive by their workload)",
             ),
             ("event watchers", str(st.watchers)),
+            ("peers", str(st.peers)),
+            (
+                "connections",
+                ", ".join(f"{n} {state}" for state, n in st.connections.items()) or "none",
+            ),
+            (
+                "data plane",
+                st.dataplane.driver if st.dataplane else f"{st.dataplane_mode} (not started)",
+            ),
         ]
     )
+    if st.dataplane and st.dataplane.tunnels:
+        print_table(
+            ["TUNNEL TO", "INTERFACE", "ENDPOINT", "LAST HANDSHAKE", "RX", "TX"],
+            [
+                (
+                    t.domain,
+                    t.interface,
+                    t.endpoint or "(learnt)",
+                    relative(t.last_handshake) if t.last_handshake else "never",
+                    f"{t.rx_bytes:,}",
+                    f"{t.tx_bytes:,}",
+                )
+                for t in st.dataplane.tunnels
+            ],
+        )
 
 
 def _describe(item: dict[str, Any]) -> str | None:

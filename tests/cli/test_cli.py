@@ -142,6 +142,8 @@ def test_serve_refuses_a_held_state_dir(gateway_process: GatewayProcess, short_t
     r = run(
         "gateway",
         "serve",
+        "--dataplane",
+        "off",
         "--domain",
         "cluster1",
         "--state-dir",
@@ -156,10 +158,19 @@ def test_serve_refuses_a_held_state_dir(gateway_process: GatewayProcess, short_t
 
 
 def test_serve_settings_errors(short_tmp: Path) -> None:
-    r = run("gateway", "serve", "--state-dir", str(short_tmp / "s"))
+    r = run("gateway", "serve", "--dataplane", "off", "--state-dir", str(short_tmp / "s"))
     assert r.returncode == 1
     assert "domain is required" in r.stderr
-    r = run("gateway", "serve", "--domain", "Bad", "--state-dir", str(short_tmp / "s"))
+    r = run(
+        "gateway",
+        "serve",
+        "--dataplane",
+        "off",
+        "--domain",
+        "Bad",
+        "--state-dir",
+        str(short_tmp / "s"),
+    )
     assert r.returncode == 1
     assert "'B' at character 1" in r.stderr
 

@@ -264,7 +264,7 @@ async def test_keep_state_keeps_registrations() -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--clusters", "0"], "between 1 and 100"),
+        (["--clusters", "0"], "between 1 and 99"),
         (["--clusters", "2", "--nat", "cluster5"], "--nat cluster5: no such cluster"),
         (["--name", "Bad_Lab"], "'B' at character 1"),
         (["--name", "a" * 21], "longer than 20"),

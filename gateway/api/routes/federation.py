@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from federation.models import FederatedEndpoint, FederatedService, JoinRequest, JoinResponse
+from federation.models import (
+    ConnectionGrant,
+    ConnectionOffer,
+    FederatedEndpoint,
+    FederatedService,
+    JoinRequest,
+    JoinResponse,
+    LeaseGrant,
+)
 from fedgw import __version__
 from fedgw.errors import PermissionDenied
 from gateway.api.authz import PeerGateway
@@ -75,6 +83,46 @@ async def peer_leaves(domain: str, gateway: GatewayDep, peer: PeerGateway) -> Re
     if peer.trust_domain != domain:
         raise PermissionDenied(f"{peer} may not end the federation of {domain}")
     await gateway.federation.peer_left(domain)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/connections", summary="A client of the caller's domain asks for a connection")
+async def offer_connection(
+    offer: ConnectionOffer, gateway: GatewayDep, peer: PeerGateway
+) -> ConnectionGrant:
+    return await gateway.connections.serve(peer.trust_domain, offer)
+
+
+@router.post("/connections/{connection_id}/refresh", summary="Extend a connection's lease")
+async def refresh_connection(
+    connection_id: str, gateway: GatewayDep, peer: PeerGateway
+) -> LeaseGrant:
+    return await gateway.connections.serve_refresh(peer.trust_domain, connection_id)
+
+
+@router.delete(
+    "/connections/{connection_id}",
+    summary="The client closes its connection",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+async def close_connection(connection_id: str, gateway: GatewayDep, peer: PeerGateway) -> Response:
+    await gateway.connections.serve_close(peer.trust_domain, connection_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+class ClosedNotice(BaseModel):
+    reason: str = Field(max_length=1000)
+
+
+@router.post(
+    "/connections/{connection_id}/closed",
+    summary="The serving gateway closed one of the caller's connections",
+    status_code=status.HTTP_204_NO_CONTENT,
+)
+async def connection_closed(
+    connection_id: str, notice: ClosedNotice, gateway: GatewayDep, peer: PeerGateway
+) -> Response:
+    await gateway.connections.peer_closed(peer.trust_domain, connection_id, notice.reason)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

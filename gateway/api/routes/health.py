@@ -20,4 +20,4 @@ async def health(gateway: GatewayDep) -> Health:
 
 @router.get("/v1/status", summary="What the gateway is and holds")
 async def status(gateway: GatewayDep) -> GatewayStatus:
-    return gateway.status()
+    return await gateway.status()

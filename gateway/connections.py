@@ -1,0 +1,880 @@
+"""Connections: a client workload of this domain wired to an endpoint of this domain or
+of a peer domain, kept up until closed.
+
+Roles, as this gateway sees a connection:
+
+* ``client``: the client is here, the endpoint in a peer domain. This gateway asks the
+  peer for the connection (sending its WireGuard key and endpoint and the prefixes its
+  clients must not be given), wires the client, refreshes the lease, and heals: when the
+  peer is unreachable, the endpoint gone, or the tunnel silent, the connection goes
+  ``down`` with the reason and is requested again with backoff (the same endpoint first).
+* ``server``: the endpoint is here, the client in a peer domain. This gateway checks the
+  export policy, selects an endpoint (labels, then fewest connections), allocates an
+  address pair from its pool, wires the endpoint, and closes the connection when its
+  lease runs out or its endpoint goes away.
+* ``local``: both are here; no tunnel.
+
+Every connection is stored; a restarted gateway reconciles the data plane from its store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from federation.errors import NotExported, PeerUnreachable
+from federation.models import ConnectionGrant, ConnectionOffer, LeaseGrant, WireGuardInfo
+from federation.service import Federation
+from fedgw.clock import Clock, to_datetime
+from fedgw.errors import Conflict, FedgwError, NotFound, Unavailable
+from fedgw.models import (
+    Connection,
+    ConnectionEnd,
+    ConnectionState,
+    Endpoint,
+    Network,
+    Workload,
+)
+from fedgw.names import LabelKey, LabelValue, Reference, ReferenceField
+from fedgw.store import Collection, Store
+from gateway.events import Event, EventBus, EventType
+from gateway.registry import Registry
+from gateway.workloads import WorkloadProbe
+from wireguard.dataplane import Dataplane, DataplaneStatus, DesiredState
+from wireguard.drivers.base import Endpoint as UdpEndpoint
+from wireguard.drivers.userspace import ProcessExit
+from wireguard.errors import PoolExhausted
+from wireguard.ipam import Ipam
+from wireguard.keys import PrivateKey, PublicKey
+from wireguard.wires import ClientWire, EndpointWire, PeerTunnel
+
+log = logging.getLogger(__name__)
+
+Role = Literal["client", "server", "local"]
+MAX_BACKOFF = 30.0
+
+
+class ConnectionRequest(BaseModel):
+    """What a workload (or the CLI for it) sends to get connected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    service: ReferenceField = Field(description="name or name@domain")
+    workload: Workload
+    labels: dict[LabelKey, LabelValue] = Field(default_factory=dict, description="selector")
+    exclude: list[Network] = Field(
+        default_factory=list, max_length=64, description="prefixes the client already uses"
+    )
+    interface: str | None = Field(
+        None, max_length=15, pattern=r"^[a-zA-Z0-9_.-]+$", description="default: nsm0, nsm1..."
+    )
+
+
+class ConnectionRecord(BaseModel):
+    """A connection as this gateway stores it."""
+
+    connection: Connection
+    role: Role
+    peer: str | None = Field(description="the other domain (None for a local connection)")
+    selector: dict[str, str] = Field(default_factory=dict)
+    exclude: list[Network] = Field(default_factory=list)
+    endpoint_interface: str | None = None
+    pool: Network | None = None
+
+
+class TunnelRecord(BaseModel):
+    """The tunnel to a peer domain as stored: our port, and the peer's key and endpoint."""
+
+    domain: str
+    listen_port: int
+    remote_key: str | None = None
+    remote_endpoint: str | None = None
+
+
+class ConnectionCounts(BaseModel):
+    requested: int = 0
+    up: int = 0
+    down: int = 0
+
+
+def new_connection_id() -> str:
+    return secrets.token_hex(8)
+
+
+class ConnectionManager:
+    """All connections of one gateway, and the loop that keeps them as they should be."""
+
+    CONNECTIONS = "connections"
+    TUNNELS = "tunnels"
+
+    def __init__(
+        self,
+        *,
+        domain: str,
+        store: Store,
+        registry: Registry,
+        federation: Federation,
+        bus: EventBus,
+        clock: Clock,
+        probe: WorkloadProbe,
+        dataplane: Callable[[], Awaitable[Dataplane]] | None,
+        private_key: PrivateKey | None,
+        advertise: str | None,
+        wireguard_port: int,
+        behind_nat: bool,
+        keepalive: float,
+        lease: float,
+        handshake_timeout: float,
+        exclude: list[Network],
+    ) -> None:
+        self.domain = domain
+        self._records = Collection(store, self.CONNECTIONS, ConnectionRecord)
+        self._tunnel_records = Collection(store, self.TUNNELS, TunnelRecord)
+        self._registry = registry
+        self._federation = federation
+        self._bus = bus
+        self._clock = clock
+        self._probe = probe
+        self._make_dataplane = dataplane
+        self._dataplane: Dataplane | None = None
+        self._dataplane_lock = asyncio.Lock()
+        self._key = private_key
+        self._advertise = advertise
+        self._port_base = wireguard_port
+        self._behind_nat = behind_nat
+        self._keepalive = int(keepalive)
+        self._lease = lease
+        self._handshake_timeout = handshake_timeout
+        self._exclude = exclude
+        self.ipam = Ipam(store)
+        self._connections: dict[str, ConnectionRecord] = {}
+        self._tunnels: dict[str, TunnelRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._retry_at: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+        self._refresh_at: dict[str, float] = {}
+        self._notifications: set[asyncio.Task[None]] = set()
+        self._repair = False
+
+    # --- life cycle ----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read the store and bring the data plane to it (adopting what is in place)."""
+        for record in await self._records.all():
+            self._connections[record.connection.id] = record
+        for tunnel in await self._tunnel_records.all():
+            self._tunnels[tunnel.domain] = tunnel
+        if self._make_dataplane is not None and (self._connections or self._tunnels):
+            dataplane = await self._ensure_dataplane()
+            report = await dataplane.reconcile(self._desired())
+            for change in report.changes:
+                log.info("data plane reconciled: %s", change)
+            for failure in report.failures:
+                log.warning("data plane could not reconcile: %s", failure)
+        log.info("connections loaded: %d", len(self._connections))
+
+    async def _ensure_dataplane(self) -> Dataplane:
+        """The data plane, opened on first use: a gateway that never connects anything
+        never touches the network of its namespace."""
+        if self._make_dataplane is None or self._key is None:
+            raise Unavailable(
+                "this gateway has no data plane (it runs with --dataplane off)", retryable=False
+            )
+        async with self._dataplane_lock:  # concurrent first requests make one, not several
+            if self._dataplane is None:
+                dataplane = await self._make_dataplane()
+                await dataplane.open()
+                self._dataplane = dataplane
+        return self._dataplane
+
+    async def shutdown(self) -> None:
+        """Close the data plane's session; tunnels and wires stay for the next start."""
+        if self._dataplane is not None:
+            await self._dataplane.close()
+            self._dataplane = None
+
+    def _desired(self) -> DesiredState:
+        peers = [t for t in (self._peer_tunnel(d) for d in self._tunnels) if t is not None]
+        wires: list[ClientWire | EndpointWire] = []
+        for record in self._connections.values():
+            wires.extend(self._wires_of(record))
+        return DesiredState(peers=peers, wires=wires)
+
+    # --- queries -------------------------------------------------------------------------
+
+    async def dataplane_status(self) -> DataplaneStatus | None:
+        """Driver, tunnels and wires, if the data plane has been started."""
+        if self._dataplane is None:
+            return None
+        return await self._dataplane.state()
+
+    def get(self, connection_id: str) -> ConnectionRecord:
+        record = self._connections.get(connection_id)
+        if record is None:
+            raise NotFound(f"no connection {connection_id!r}")
+        return record
+
+    def all(self) -> list[ConnectionRecord]:
+        return sorted(self._connections.values(), key=lambda r: r.connection.created_at)
+
+    def counts(self) -> ConnectionCounts:
+        counted = Counter(r.connection.state.value for r in self._connections.values())
+        return ConnectionCounts(**{k: v for k, v in counted.items() if k != "closed"})
+
+    def _lock(self, connection_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(connection_id, asyncio.Lock())
+
+    # --- tunnels ---------------------------------------------------------------------------
+
+    async def _tunnel(self, domain: str) -> TunnelRecord:
+        """Our side of the tunnel to ``domain``: a UDP port of our own, kept."""
+        tunnel = self._tunnels.get(domain)
+        if tunnel is None:
+            used = {t.listen_port for t in self._tunnels.values()}
+            port = next(p for p in range(self._port_base, 65536) if p not in used)
+            tunnel = TunnelRecord(domain=domain, listen_port=port)
+            await self._tunnel_records.put(domain, tunnel)
+            self._tunnels[domain] = tunnel
+        return tunnel
+
+    def _our_wireguard(self, tunnel: TunnelRecord) -> WireGuardInfo:
+        assert self._key is not None
+        endpoint = None
+        if not self._behind_nat and self._advertise is not None:
+            endpoint = f"{self._advertise}:{tunnel.listen_port}"
+        return WireGuardInfo(public_key=str(self._key.public_key()), endpoint=endpoint)
+
+    def _peer_tunnel(self, domain: str) -> PeerTunnel | None:
+        tunnel = self._tunnels.get(domain)
+        if tunnel is None or tunnel.remote_key is None or self._key is None:
+            return None
+        # Keepalives whenever the other side may not be able to reach us first.
+        keepalive = self._keepalive if (self._behind_nat or self._advertise is None) else 0
+        return PeerTunnel(
+            domain=domain,
+            private_key=self._key,
+            public_key=PublicKey.from_base64(tunnel.remote_key),
+            endpoint=UdpEndpoint.parse(tunnel.remote_endpoint) if tunnel.remote_endpoint else None,
+            listen_port=tunnel.listen_port,
+            persistent_keepalive=keepalive,
+        )
+
+    async def _connect_tunnel(self, domain: str, theirs: WireGuardInfo) -> None:
+        """Configure the tunnel to ``domain`` with the other side's key and endpoint."""
+        tunnel = await self._tunnel(domain)
+        if theirs.endpoint is None and theirs.public_key == tunnel.remote_key:
+            # The peer is behind NAT: keep the endpoint WireGuard learnt from it.
+            updated = tunnel
+        else:
+            updated = tunnel.model_copy(
+                update={"remote_key": theirs.public_key, "remote_endpoint": theirs.endpoint}
+            )
+        if updated != tunnel:
+            await self._tunnel_records.put(domain, updated)
+            self._tunnels[domain] = updated
+        peer = self._peer_tunnel(domain)
+        assert peer is not None
+        dataplane = await self._ensure_dataplane()
+        await dataplane.ensure_peer(peer)
+
+    async def drop_peer(self, domain: str) -> None:
+        """A peer left: close its connections and remove the tunnel."""
+        for record in [r for r in self._connections.values() if r.peer == domain]:
+            await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
+        if self._tunnels.pop(domain, None) is not None:
+            await self._tunnel_records.delete(domain)
+            if self._dataplane is not None:
+                await self._dataplane.remove_peer(domain)
+
+    # --- wires -----------------------------------------------------------------------------
+
+    def _wires_of(self, record: ConnectionRecord) -> list[ClientWire | EndpointWire]:
+        c = record.connection
+        if (
+            c.state is ConnectionState.CLOSED
+            or c.client.address is None
+            or c.server.address is None
+        ):
+            return []
+        client_address = ipaddress.ip_interface(c.client.address)
+        endpoint_address = ipaddress.ip_interface(c.server.address)
+        wires: list[ClientWire | EndpointWire] = []
+        if record.role in ("client", "local"):
+            assert c.client.workload is not None
+            assert c.client.interface is not None
+            wires.append(
+                ClientWire(
+                    connection_id=c.id,
+                    peer=record.peer,
+                    workload=c.client.workload,
+                    interface=c.client.interface,
+                    address=client_address,
+                    endpoint_address=endpoint_address,
+                    routes=tuple(c.routes),
+                )
+            )
+        if record.role in ("server", "local"):
+            assert c.server.workload is not None
+            assert record.endpoint_interface is not None
+            wires.append(
+                EndpointWire(
+                    connection_id=c.id,
+                    peer=record.peer,
+                    workload=c.server.workload,
+                    interface=record.endpoint_interface,
+                    address=endpoint_address,
+                    client_address=client_address,
+                    routes=tuple(c.routes),
+                )
+            )
+        return wires
+
+    async def _wire(self, record: ConnectionRecord) -> None:
+        dataplane = await self._ensure_dataplane()
+        for wire in self._wires_of(record):
+            if isinstance(wire, ClientWire):
+                await dataplane.attach_client(wire)
+            else:
+                await dataplane.attach_endpoint(wire)
+
+    async def _unwire(self, connection_id: str) -> None:
+        if self._dataplane is not None:
+            await self._dataplane.detach(connection_id)
+
+    def _free_interface(self, workload: Workload, *, skip: str | None = None) -> str:
+        """The first ``nsmN`` no connection of ours uses in that workload."""
+        used = set()
+        for record in self._connections.values():
+            c = record.connection
+            if c.id == skip:
+                continue
+            if c.client.workload == workload and c.client.interface:
+                used.add(c.client.interface)
+            if c.server.workload == workload and record.endpoint_interface:
+                used.add(record.endpoint_interface)
+        return next(f"nsm{i}" for i in range(10_000) if f"nsm{i}" not in used)
+
+    # --- records and events ------------------------------------------------------------------
+
+    async def _save(self, record: ConnectionRecord, event: EventType | None = None) -> None:
+        # In memory first, before the store is awaited: a concurrent request must see the
+        # interface names this one has taken.
+        self._connections[record.connection.id] = record
+        await self._records.put(record.connection.id, record)
+        if event is not None:
+            self._publish(event, record.connection)
+
+    def _publish(self, type_: EventType, connection: Connection) -> None:
+        self._bus.publish(
+            Event(
+                seq=self._bus.next_seq(),
+                type=type_,
+                kind="connection",
+                name=connection.id,
+                object=connection,
+                reason=connection.reason,
+                time=to_datetime(self._clock.now()),
+            )
+        )
+
+    async def _move(
+        self, record: ConnectionRecord, state: ConnectionState, reason: str
+    ) -> ConnectionRecord:
+        now = to_datetime(self._clock.now())
+        if record.connection.state is state and record.connection.reason == reason:
+            return record
+        if record.connection.state is state:
+            moved = record.connection.model_copy(update={"reason": reason, "updated_at": now})
+        else:
+            moved = record.connection.moved_to(state, reason, now)
+        updated = record.model_copy(update={"connection": moved})
+        await self._save(updated, EventType.UPDATED)
+        log.info("connection %s %s: %s", moved.id, state.value, reason)
+        return updated
+
+    # --- client side -------------------------------------------------------------------------
+
+    async def request(self, request: ConnectionRequest) -> ConnectionRecord:
+        """Connect a workload to ``request.service``; returns once it is up, or raises."""
+        await self._ensure_dataplane()  # first: a clear error if there is none
+        workload = await asyncio.to_thread(self._probe.identify, request.workload)
+        reference = request.service.local_to(self.domain)
+        interface = request.interface or self._free_interface(workload)
+        now = to_datetime(self._clock.now())
+        connection = Connection(
+            id=new_connection_id(),
+            service=reference,
+            client=ConnectionEnd(domain=self.domain, workload=workload, interface=interface),
+            server=ConnectionEnd(domain=reference.domain or self.domain),
+            path=[self.domain] if reference.domain is None else [self.domain, reference.domain],
+            state=ConnectionState.REQUESTED,
+            reason="requested",
+            created_at=now,
+            updated_at=now,
+            expires_at=now,
+        )
+        record = ConnectionRecord(
+            connection=connection,
+            role="local" if reference.domain is None else "client",
+            peer=reference.domain,
+            selector=dict(request.labels),
+            exclude=[*self._exclude, *request.exclude],
+        )
+        async with self._lock(connection.id):
+            await self._save(record, EventType.ADDED)
+            try:
+                if record.role == "local":
+                    record = await self._connect_local(record, prefer=None)
+                else:
+                    record = await self._connect_remote(record, prefer=None)
+            except BaseException as exc:
+                # A request that fails leaves nothing behind: no record, no wire, no lease.
+                await self._close(record, f"request failed: {exc}", tell_peer=True)
+                raise
+        return record
+
+    async def _connect_remote(
+        self, record: ConnectionRecord, prefer: str | None
+    ) -> ConnectionRecord:
+        c = record.connection
+        assert record.peer is not None
+        tunnel = await self._tunnel(record.peer)
+        offer = ConnectionOffer(
+            id=c.id,
+            service=c.service.name,
+            selector=record.selector,
+            prefer=prefer,
+            exclude=record.exclude,
+            wireguard=self._our_wireguard(tunnel),
+        )
+        answer = await self._federation.call(
+            record.peer, "POST", "/federation/v1/connections", json=offer.model_dump(mode="json")
+        )
+        grant = ConnectionGrant.model_validate(answer)
+        await self._connect_tunnel(record.peer, grant.wireguard)
+        previous = (c.client.address, c.server.address)
+        updated_connection = c.model_copy(
+            update={
+                "client": c.client.model_copy(update={"address": grant.client_address}),
+                "server": c.server.model_copy(
+                    update={"endpoint": grant.endpoint, "address": grant.endpoint_address}
+                ),
+                "routes": grant.routes,
+                "expires_at": grant.expires_at,
+            }
+        )
+        record = record.model_copy(update={"connection": updated_connection})
+        if previous != (grant.client_address, grant.endpoint_address) and previous[0] is not None:
+            await self._unwire(c.id)  # healed onto other addresses: re-wire the client
+        await self._wire(record)
+        self._schedule_refresh(record)
+        return await self._move(
+            record, ConnectionState.UP, f"wired to {grant.endpoint}@{record.peer}"
+        )
+
+    def _schedule_refresh(self, record: ConnectionRecord) -> None:
+        expires = record.connection.expires_at.timestamp()
+        now = self._clock.now()
+        self._refresh_at[record.connection.id] = now + max((expires - now) / 3, 0.2)
+
+    async def _refresh(self, record: ConnectionRecord) -> ConnectionRecord:
+        assert record.peer is not None
+        answer = await self._federation.call(
+            record.peer, "POST", f"/federation/v1/connections/{record.connection.id}/refresh"
+        )
+        lease = LeaseGrant.model_validate(answer)
+        record = record.model_copy(
+            update={
+                "connection": record.connection.model_copy(update={"expires_at": lease.expires_at})
+            }
+        )
+        await self._save(record)
+        self._schedule_refresh(record)
+        return record
+
+    async def close(self, connection_id: str) -> ConnectionRecord:
+        record = self.get(connection_id)
+        async with self._lock(connection_id):
+            return await self._close(record, "closed by request", tell_peer=True)
+
+    async def _close(
+        self, record: ConnectionRecord, reason: str, *, tell_peer: bool
+    ) -> ConnectionRecord:
+        c = record.connection
+        await self._unwire(c.id)
+        if record.role in ("server", "local"):
+            await self.ipam.release(c.id)
+        if tell_peer and record.role == "client" and record.peer is not None:
+            with contextlib.suppress(FedgwError):  # its lease runs out if it cannot hear us
+                await self._federation.call(
+                    record.peer, "DELETE", f"/federation/v1/connections/{c.id}"
+                )
+        if tell_peer and record.role == "server" and record.peer is not None:
+            # The client heals at once instead of at its next lease refresh; if it cannot
+            # be told, that refresh finds out.
+            self._notify_closed(record.peer, c.id, reason)
+        closed = c
+        if c.state.can_become(ConnectionState.CLOSED):
+            closed = c.moved_to(ConnectionState.CLOSED, reason, to_datetime(self._clock.now()))
+        await self._records.delete(c.id)
+        self._connections.pop(c.id, None)
+        for table in (self._retry_at, self._backoff, self._refresh_at):
+            table.pop(c.id, None)
+        self._locks.pop(c.id, None)
+        self._publish(EventType.DELETED, closed)
+        log.info("connection %s closed: %s", c.id, reason)
+        return record.model_copy(update={"connection": closed})
+
+    # --- local connections ---------------------------------------------------------------------
+
+    def _candidates(
+        self, service: str, selector: dict[str, str], prefer: str | None
+    ) -> list[Endpoint]:
+        """Endpoints that can serve: matching labels, with a pool and a workload to wire;
+        the preferred one first, then those with the fewest connections."""
+        load = Counter(
+            r.connection.server.endpoint
+            for r in self._connections.values()
+            if r.role in ("server", "local")
+        )
+        usable = [
+            ep for ep in self._registry.endpoints(service, selector) if ep.pool and ep.workload
+        ]
+        return sorted(usable, key=lambda ep: (ep.name != prefer, load[ep.name], ep.name))
+
+    async def _allocate(
+        self,
+        connection_id: str,
+        service: str,
+        selector: dict[str, str],
+        prefer: str | None,
+        exclude: list[Network],
+    ) -> tuple[
+        Endpoint,
+        ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+        ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+    ]:
+        candidates = self._candidates(service, selector, prefer)
+        if not candidates:
+            shown = ",".join(f"{k}={v}" for k, v in selector.items()) or "any labels"
+            raise NotFound(
+                f"no endpoint of network service {service!r} can serve ({shown}): none "
+                "registered with a pool and a netns or pid"
+            )
+        exhausted = []
+        for endpoint in candidates:
+            assert endpoint.pool is not None
+            try:
+                pair = await self.ipam.allocate(endpoint.pool, connection_id, exclude=exclude)
+            except PoolExhausted as exc:
+                exhausted.append(str(exc))
+                continue
+            return endpoint, pair.endpoint_address, pair.client_address
+        raise PoolExhausted("; ".join(exhausted))
+
+    async def _connect_local(
+        self, record: ConnectionRecord, prefer: str | None
+    ) -> ConnectionRecord:
+        c = record.connection
+        await self.ipam.release(c.id)
+        endpoint, endpoint_address, client_address = await self._allocate(
+            c.id, c.service.name, record.selector, prefer, record.exclude
+        )
+        assert endpoint.workload is not None
+        updated = c.model_copy(
+            update={
+                "client": c.client.model_copy(update={"address": str(client_address)}),
+                "server": c.server.model_copy(
+                    update={
+                        "endpoint": endpoint.name,
+                        "workload": endpoint.workload,
+                        "address": str(endpoint_address),
+                    }
+                ),
+                "routes": endpoint.routes,
+            }
+        )
+        record = record.model_copy(
+            update={
+                "connection": updated,
+                "endpoint_interface": self._free_interface(endpoint.workload, skip=c.id),
+                "pool": endpoint.pool,
+            }
+        )
+        self._connections[c.id] = record  # takes the endpoint interface name at once
+        await self._unwire(c.id)
+        await self._wire(record)
+        return await self._move(record, ConnectionState.UP, f"wired to {endpoint.name}")
+
+    # --- server side ---------------------------------------------------------------------------
+
+    async def serve(self, caller: str, offer: ConnectionOffer) -> ConnectionGrant:
+        """A peer's client asks for a connection to one of our endpoints."""
+        existing = self._connections.get(offer.id)
+        if existing is not None:
+            if existing.role != "server" or existing.peer != caller:
+                raise Conflict(f"connection id {offer.id} is taken")
+            async with self._lock(offer.id):
+                await self._connect_tunnel(caller, offer.wireguard)
+                return await self._grant(await self._extend(existing))
+        service = self._registry.service(offer.service)
+        if not service.exported_to(caller):
+            raise NotExported(f"network service {offer.service!r} is not exported to {caller}")
+        async with self._lock(offer.id):
+            endpoint, endpoint_address, client_address = await self._allocate(
+                offer.id, offer.service, dict(offer.selector), offer.prefer, list(offer.exclude)
+            )
+            assert endpoint.workload is not None
+            now = self._clock.now()
+            connection = Connection(
+                id=offer.id,
+                service=Reference(offer.service, self.domain),
+                client=ConnectionEnd(domain=caller, address=str(client_address)),
+                server=ConnectionEnd(
+                    domain=self.domain,
+                    endpoint=endpoint.name,
+                    workload=endpoint.workload,
+                    address=str(endpoint_address),
+                ),
+                routes=endpoint.routes,
+                path=[caller, self.domain],
+                state=ConnectionState.REQUESTED,
+                reason=f"requested by {caller}",
+                created_at=to_datetime(now),
+                updated_at=to_datetime(now),
+                expires_at=to_datetime(now + self._lease),
+            )
+            record = ConnectionRecord(
+                connection=connection,
+                role="server",
+                peer=caller,
+                selector=dict(offer.selector),
+                exclude=list(offer.exclude),
+                endpoint_interface=self._free_interface(endpoint.workload),
+                pool=endpoint.pool,
+            )
+            await self._save(record, EventType.ADDED)
+            try:
+                await self._connect_tunnel(caller, offer.wireguard)
+                await self._wire(record)
+            except BaseException as exc:
+                await self._close(record, f"wiring failed: {exc}", tell_peer=False)
+                raise
+            record = await self._move(record, ConnectionState.UP, f"endpoint {endpoint.name} wired")
+            return await self._grant(record)
+
+    async def _grant(self, record: ConnectionRecord) -> ConnectionGrant:
+        c = record.connection
+        assert record.peer is not None
+        assert c.server.endpoint
+        assert c.server.address
+        assert c.client.address
+        tunnel = await self._tunnel(record.peer)
+        return ConnectionGrant(
+            id=c.id,
+            endpoint=c.server.endpoint,
+            endpoint_address=c.server.address,
+            client_address=c.client.address,
+            routes=c.routes,
+            wireguard=self._our_wireguard(tunnel),
+            expires_at=c.expires_at,
+        )
+
+    async def _extend(self, record: ConnectionRecord) -> ConnectionRecord:
+        expires = to_datetime(self._clock.now() + self._lease)
+        updated = record.model_copy(
+            update={"connection": record.connection.model_copy(update={"expires_at": expires})}
+        )
+        await self._save(updated)
+        return updated
+
+    async def serve_refresh(self, caller: str, connection_id: str) -> LeaseGrant:
+        record = self._served(caller, connection_id)
+        record = await self._extend(record)
+        return LeaseGrant(id=connection_id, expires_at=record.connection.expires_at)
+
+    async def serve_close(self, caller: str, connection_id: str) -> None:
+        record = self._served(caller, connection_id)
+        async with self._lock(connection_id):
+            await self._close(record, f"closed by {caller}", tell_peer=False)
+
+    def _notify_closed(self, peer: str, connection_id: str, reason: str) -> None:
+        async def notify() -> None:
+            try:
+                await self._federation.call(
+                    peer,
+                    "POST",
+                    f"/federation/v1/connections/{connection_id}/closed",
+                    json={"reason": reason},
+                )
+            except FedgwError as exc:
+                log.info("could not tell %s that %s closed: %s", peer, connection_id, exc)
+
+        task = asyncio.get_running_loop().create_task(notify(), name=f"notify-{connection_id}")
+        self._notifications.add(task)
+        task.add_done_callback(self._notifications.discard)
+
+    async def peer_closed(self, caller: str, connection_id: str, reason: str) -> None:
+        """The serving gateway closed one of our client connections: heal it now."""
+        record = self._connections.get(connection_id)
+        if record is None or record.role != "client" or record.peer != caller:
+            raise NotFound(f"no connection {connection_id!r} to {caller} here")
+        async with self._lock(connection_id):
+            record = self._connections.get(connection_id, record)
+            await self._move(record, ConnectionState.DOWN, f"{caller} closed it: {reason}")
+            self._retry_at[connection_id] = 0.0
+
+    def _served(self, caller: str, connection_id: str) -> ConnectionRecord:
+        record = self._connections.get(connection_id)
+        if record is None or record.role != "server" or record.peer != caller:
+            raise NotFound(f"no connection {connection_id!r} of {caller} here")
+        return record
+
+    # --- keeping connections as they should be --------------------------------------------------
+
+    async def supervise(self, interval: float = 0.5) -> None:
+        """Until cancelled: expire served leases, refresh and heal client connections,
+        close those whose client workload or endpoint went away."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("connection supervision failed; retrying")
+            await asyncio.sleep(interval)
+
+    def daemon_exited(self, event: ProcessExit) -> None:
+        """A wireguard-go daemon died: its interface comes back on the next tick."""
+        log.warning("WireGuard daemon of %s exited (%s)", event.iface.name, event.describe())
+        self._repair = True
+
+    async def tick(self) -> None:
+        if self._repair and self._dataplane is not None:
+            self._repair = False
+            report = await self._dataplane.reconcile(self._desired())
+            for change in report.changes:
+                log.info("data plane repaired: %s", change)
+            for failure in report.failures:
+                log.warning("data plane could not repair: %s", failure)
+        now = self._clock.now()
+        silent = await self._silent_tunnels()
+        clients = {
+            r.connection.id: r.connection.client.workload
+            for r in self._connections.values()
+            if r.role in ("client", "local") and r.connection.client.workload is not None
+        }
+
+        def probe() -> set[str]:
+            return {cid for cid, w in clients.items() if not self._probe.alive(w)}
+
+        gone = await asyncio.to_thread(probe) if clients else set()
+        for record in list(self._connections.values()):
+            cid = record.connection.id
+            if cid not in self._connections:
+                continue
+            async with self._lock(cid):
+                record = self._connections.get(cid, record)
+                if cid in gone:
+                    workload = record.connection.client.workload
+                    await self._close(record, f"client workload gone: {workload}", tell_peer=True)
+                else:
+                    await self._check(record, now, silent)
+
+    async def _silent_tunnels(self) -> set[str]:
+        """Peers whose tunnel carries connections but has not shaken hands for too long."""
+        if self._dataplane is None:
+            return set()
+        try:
+            status = await self._dataplane.state()
+        except FedgwError:
+            return set()
+        now = self._clock.now()
+        silent = set()
+        for peer in status.peers:
+            last = peer.last_handshake.timestamp() if peer.last_handshake else None
+            if last is not None and now - last > self._handshake_timeout:
+                silent.add(peer.domain)
+        return silent
+
+    async def _check(self, record: ConnectionRecord, now: float, silent: set[str]) -> None:
+        c = record.connection
+        if record.role == "server":
+            if c.expires_at.timestamp() <= now:
+                await self._close(record, "lease expired", tell_peer=True)
+            elif c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint):
+                await self._close(record, f"endpoint {c.server.endpoint} is gone", tell_peer=True)
+            return
+        if record.role == "local":
+            if c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint):
+                await self._heal(record, f"endpoint {c.server.endpoint} is gone")
+            elif c.state is not ConnectionState.UP:
+                await self._heal(record, c.reason or "down")
+            return
+        # client
+        if c.state is ConnectionState.UP:
+            if record.peer in silent:
+                await self._heal(record, f"the tunnel to {record.peer} has been silent too long")
+            elif self._refresh_at.get(c.id, 0.0) <= now:
+                try:
+                    await self._refresh(record)
+                except NotFound:
+                    await self._heal(
+                        record,
+                        f"{record.peer} no longer has the connection (endpoint gone or lease lost)",
+                    )
+                except FedgwError as exc:
+                    await self._heal(record, f"lease refresh failed: {exc}")
+        elif self._retry_at.get(c.id, 0.0) <= now:
+            await self._heal(record, c.reason or "down")
+
+    def _endpoint_gone(self, name: str) -> bool:
+        try:
+            self._registry.endpoint(name)
+        except NotFound:
+            return True
+        return False
+
+    async def _heal(self, record: ConnectionRecord, reason: str) -> None:
+        """Down with ``reason``, then request again: the same endpoint first."""
+        c = record.connection
+        if c.state is not ConnectionState.DOWN:
+            record = await self._move(record, ConnectionState.DOWN, reason)
+        prefer = c.server.endpoint
+        try:
+            if record.role == "local":
+                await self._connect_local(record, prefer)
+            else:
+                await self._connect_remote(record, prefer)
+        except (FedgwError, OSError) as exc:
+            delay = min(self._backoff.get(c.id, 0.25) * 2, MAX_BACKOFF)
+            self._backoff[c.id] = delay
+            self._retry_at[c.id] = self._clock.now() + delay
+            if isinstance(exc, NotExported | PeerUnreachable | NotFound):
+                detail = str(exc)
+            else:
+                detail = f"{type(exc).__name__}: {exc}"
+            await self._move(
+                record, ConnectionState.DOWN, f"{reason}; retrying in {delay:.1f}s ({detail})"
+            )
+            return
+        self._backoff.pop(c.id, None)
+        self._retry_at.pop(c.id, None)
+
+
+async def load_or_create_key(path: Path) -> PrivateKey:
+    """This gateway's WireGuard key: kept in the state dir, mode 0600."""
+    from wireguard.keys import load_private_key, save_private_key
+
+    if await asyncio.to_thread(path.exists):
+        return await asyncio.to_thread(load_private_key, path)
+    key = PrivateKey.generate()
+    await asyncio.to_thread(save_private_key, key, path)
+    return key
