@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from federation.errors import PeerUnreachable
+from federation.errors import BadPeerAnswer, PeerUnreachable
 from fedgw.http import error_from_response
 from spire_integration import IdentitySource, PeerClientContext, SpiffeId
 from spire_integration.errors import IdentityError
@@ -55,7 +55,12 @@ class FederationClient:
             raise PeerUnreachable(f"{domain} at {url}: {exc}") from exc
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.text, source=domain)
-        return response.json() if response.content else None
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise BadPeerAnswer(f"{domain} at {url} answered with something not JSON") from None
 
     async def forget(self, domain: str) -> None:
         """Drop the connections to ``domain`` (it left, or its bundle changed for good)."""

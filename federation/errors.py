@@ -50,3 +50,10 @@ class NotExported(FederationError, PermissionDenied):
     """The peer does not export that network service to the caller."""
 
     code = "not_exported"
+
+
+class BadPeerAnswer(FederationError, Unavailable):
+    """A peer answered something this gateway cannot use (not JSON, not the expected
+    shape, or not within what was asked for)."""
+
+    code = "bad_peer_answer"

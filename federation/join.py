@@ -25,8 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from federation.errors import PeerUnreachable, PinMismatch
-from federation.models import JoinRequest, JoinResponse
+from federation.errors import BadPeerAnswer, PeerUnreachable, PinMismatch
+from federation.models import JoinRequest, JoinResponse, parse_answer
 from fedgw.errors import InvalidInput, PermissionDenied
 from fedgw.http import error_from_response
 from spire_integration import (
@@ -127,7 +127,7 @@ def verify_request(issuer: str, request: JoinRequest, now: float) -> TrustBundle
     try:
         bundle = TrustBundle.parse(request.domain, request.bundle)
         chain = x509.load_pem_x509_certificates(request.svid.encode())
-    except (IdentityError, ValueError) as exc:
+    except (IdentityError, ValueError, RecursionError) as exc:
         raise InvalidInput(f"the join request's bundle or SVID is not readable: {exc}") from None
     if not chain:
         raise InvalidInput("the join request carries no SVID")
@@ -172,7 +172,7 @@ async def fetch_pinned_bundle(
         )
     try:
         bundle = TrustBundle.parse(domain, body)
-    except IdentityError as exc:
+    except (IdentityError, RecursionError) as exc:
         raise PinMismatch(f"{url} did not serve a trust bundle of {domain}: {exc}") from None
     if not any(bundle.matches_pin(pin) for pin in pins):
         raise PinMismatch(
@@ -214,4 +214,8 @@ async def send_join(
         raise PeerUnreachable(f"join endpoint of {issuer} at {bundle_url}: {exc}") from exc
     if response.status_code != 200:
         raise error_from_response(response.status_code, response.text, source=issuer)
-    return JoinResponse.model_validate_json(response.content)
+    try:
+        data = response.json()
+    except ValueError:
+        raise BadPeerAnswer(f"{issuer} answered the join with something not JSON") from None
+    return parse_answer(JoinResponse, data, issuer)

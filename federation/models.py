@@ -3,16 +3,47 @@ a domain shows its peers of its registry."""
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from federation.errors import BadPeerAnswer
 from fedgw.durations import Duration
-from fedgw.models import Network
+from fedgw.errors import FedgwError
+from fedgw.models import Network, describe_validation_errors
 from fedgw.names import Domain, LabelKey, LabelValue, Name
 
+M = TypeVar("M", bound=BaseModel)
+
 PeerState = Literal["active", "unreachable"]
+
+
+def _https(value: str) -> str:
+    if not value.startswith("https://"):
+        raise ValueError(f"{value!r} is not an https URL")
+    return value
+
+
+HttpsUrl = Annotated[str, Field(max_length=512), AfterValidator(_https)]
+
+
+def parse_answer(model: type[M], data: object, source: str) -> M:
+    """A peer's answer as ``model``, or :class:`BadPeerAnswer` saying what is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        detail = describe_validation_errors(exc.errors())
+        raise BadPeerAnswer(f"{source} answered something unusable: {detail}") from None
 
 
 class PeerRecord(BaseModel):
@@ -84,19 +115,19 @@ class JoinRequest(BaseModel):
     token_id: str = Field(max_length=64)
     secret: str = Field(max_length=256)
     domain: Domain
-    url: str | None = Field(None, max_length=512)
-    bundle_url: str | None = Field(None, max_length=512)
+    url: HttpsUrl | None = None
+    bundle_url: HttpsUrl | None = None
     bundle: str = Field(max_length=65536)
     svid: str = Field(max_length=65536)
-    timestamp: float
+    timestamp: float = Field(allow_inf_nan=False)
     proof: str = Field(max_length=2048)
 
 
 class JoinResponse(BaseModel):
     domain: Domain
-    url: str | None
-    bundle_url: str | None
-    bundle: str
+    url: HttpsUrl | None
+    bundle_url: HttpsUrl | None
+    bundle: str = Field(max_length=65536)
 
 
 class FederatedService(BaseModel):
@@ -129,7 +160,33 @@ class WireGuardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     public_key: str = Field(min_length=44, max_length=44)
-    endpoint: str | None = Field(None, max_length=64, description="HOST:PORT")
+    endpoint: str | None = Field(None, max_length=64, description="IP:PORT")
+
+    # wireguard's parsers are imported when used: they pull in netlink and crypto
+    # modules that the CLI, which imports these models too, has no use for.
+
+    @field_validator("public_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        from wireguard.keys import PublicKey
+
+        try:
+            PublicKey.from_base64(value)
+        except FedgwError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            from wireguard.drivers.base import Endpoint
+
+            try:
+                Endpoint.parse(value)
+            except FedgwError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
 
 class ConnectionOffer(BaseModel):
@@ -154,9 +211,23 @@ class ConnectionGrant(BaseModel):
     endpoint: Name
     endpoint_address: str
     client_address: str
-    routes: list[Network]
+    routes: list[Network] = Field(max_length=256)
     wireguard: WireGuardInfo
     expires_at: datetime
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        # A point-to-point pair: two different addresses of one small network.
+        try:
+            endpoint = ipaddress.ip_interface(self.endpoint_address)
+            client = ipaddress.ip_interface(self.client_address)
+        except ValueError as exc:
+            raise ValueError(f"addresses of the pair: {exc}") from None
+        if endpoint.network != client.network or endpoint.ip == client.ip:
+            raise ValueError(f"{endpoint} and {client} are not a pair of one network")
+        if endpoint.network.num_addresses > 4:
+            raise ValueError(f"the pair's network {endpoint.network} is too large")
+        return self
 
 
 class LeaseGrant(BaseModel):

@@ -80,9 +80,14 @@ class PeerTable:
         self._identity.set_bundle(bundle)
         self.changed.set()
 
-    async def update(self, record: PeerRecord) -> None:
-        await self._records.put(record.domain, record)
+    async def update(self, record: PeerRecord) -> bool:
+        """Store a changed record of a peer; False (nothing written) if it is no longer a
+        peer: an update that raced a leave must not bring it back."""
+        if record.domain not in self._peers:
+            return False
         self._peers[record.domain] = record
+        await self._records.put(record.domain, record)
+        return True
 
     async def set_bundle(self, domain: str, bundle: TrustBundle) -> bool:
         """A refreshed bundle of a peer; False (and nothing stored) if it is not newer."""

@@ -186,6 +186,16 @@ class Federation:
                 f"it must `fedgw leave {s.domain}` on both sides first"
             )
         await self.tokens.claim(request.token_id, request.secret, request.domain)
+        try:
+            return await self._add_joiner(request, bundle, via)
+        except AlreadyFederated:
+            # Another join of the same domain won meanwhile: this one used nothing.
+            await self.tokens.refund(request.token_id, request.domain)
+            raise
+
+    async def _add_joiner(
+        self, request: JoinRequest, bundle: TrustBundle, via: str
+    ) -> JoinResponse:
         now = to_datetime(self.clock.now())
         record = PeerRecord(
             domain=request.domain,
@@ -266,9 +276,13 @@ class Federation:
             fetched = TrustBundle.parse(domain, response.content)
         except (httpx.HTTPError, IdentityError) as exc:
             error = f"bundle refresh from {record.bundle_url} failed: {exc}"
-            await self.peers.update(record.model_copy(update={"last_error": error}))
+            current_record = self.peers.get(domain)  # it may have left meanwhile
+            if current_record is not None:
+                await self.peers.update(current_record.model_copy(update={"last_error": error}))
             log.warning("%s (keeping the last good bundle)", error)
             return False
+        if self.peers.get(domain) is None:
+            return False  # it left while we fetched
         changed = await self.peers.set_bundle(domain, fetched)
         record = self.peers.require(domain)
         await self.peers.update(

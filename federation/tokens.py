@@ -248,6 +248,26 @@ class TokenIssuer:
                 continue
             return revoked.info(self._clock.now())
 
+    async def refund(self, token_id: str, joiner: str) -> None:
+        """Give back a use that ``joiner`` claimed but could not complete."""
+        while True:
+            stored = await self._store.get(self.KIND, token_id)
+            if stored is None:
+                return
+            record = TokenRecord.model_validate_json(stored.value)
+            if joiner not in record.used_by:
+                return
+            used_by = list(record.used_by)
+            used_by.remove(joiner)
+            refunded = record.model_copy(
+                update={"uses_left": record.uses_left + 1, "used_by": used_by}
+            )
+            try:
+                await self._records.put(token_id, refunded, expect=stored.revision)
+            except StoreConflict:
+                continue
+            return
+
     async def claim(self, token_id: str, secret: str, joiner: str) -> TokenInfo:
         """Use the token once for ``joiner``, or raise :class:`TokenRejected`.
 

@@ -24,15 +24,22 @@ import contextlib
 import ipaddress
 import logging
 import secrets
+import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from federation.errors import NotExported, PeerUnreachable
-from federation.models import ConnectionGrant, ConnectionOffer, LeaseGrant, WireGuardInfo
+from federation.errors import BadPeerAnswer, NotExported, PeerUnreachable
+from federation.models import (
+    ConnectionGrant,
+    ConnectionOffer,
+    LeaseGrant,
+    WireGuardInfo,
+    parse_answer,
+)
 from federation.service import Federation
 from fedgw.clock import Clock, to_datetime
 from fedgw.errors import Conflict, FedgwError, NotFound, Unavailable
@@ -158,7 +165,8 @@ class ConnectionManager:
         self.ipam = Ipam(store)
         self._connections: dict[str, ConnectionRecord] = {}
         self._tunnels: dict[str, TunnelRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # A lock per connection, alive while someone holds or awaits it.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
         self._refresh_at: dict[str, float] = {}
@@ -198,12 +206,23 @@ class ConnectionManager:
 
     async def shutdown(self) -> None:
         """Close the data plane's session; tunnels and wires stay for the next start."""
+        for task in list(self._notifications):
+            task.cancel()
+        await asyncio.gather(*self._notifications, return_exceptions=True)
         if self._dataplane is not None:
             await self._dataplane.close()
             self._dataplane = None
 
     def _desired(self) -> DesiredState:
-        peers = [t for t in (self._peer_tunnel(d) for d in self._tunnels) if t is not None]
+        peers = []
+        for domain in self._tunnels:
+            try:
+                tunnel = self._peer_tunnel(domain)
+            except FedgwError as exc:
+                log.error("tunnel to %s is unusable and left out: %s", domain, exc)
+                continue
+            if tunnel is not None:
+                peers.append(tunnel)
         wires: list[ClientWire | EndpointWire] = []
         for record in self._connections.values():
             wires.extend(self._wires_of(record))
@@ -231,7 +250,18 @@ class ConnectionManager:
         return ConnectionCounts(**{k: v for k, v in counted.items() if k != "closed"})
 
     def _lock(self, connection_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(connection_id, asyncio.Lock())
+        lock = self._locks.get(connection_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[connection_id] = lock
+        return lock
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, connection_id: str) -> AsyncIterator[ConnectionRecord | None]:
+        """The connection's lock, and its record as it is once the lock is held: whoever
+        waited may find it changed, or closed (None)."""
+        async with self._lock(connection_id):
+            yield self._connections.get(connection_id)
 
     # --- tunnels ---------------------------------------------------------------------------
 
@@ -242,8 +272,8 @@ class ConnectionManager:
             used = {t.listen_port for t in self._tunnels.values()}
             port = next(p for p in range(self._port_base, 65536) if p not in used)
             tunnel = TunnelRecord(domain=domain, listen_port=port)
+            self._tunnels[domain] = tunnel  # taken before any await: ports stay unique
             await self._tunnel_records.put(domain, tunnel)
-            self._tunnels[domain] = tunnel
         return tunnel
 
     def _our_wireguard(self, tunnel: TunnelRecord) -> WireGuardInfo:
@@ -279,8 +309,8 @@ class ConnectionManager:
                 update={"remote_key": theirs.public_key, "remote_endpoint": theirs.endpoint}
             )
         if updated != tunnel:
-            await self._tunnel_records.put(domain, updated)
             self._tunnels[domain] = updated
+            await self._tunnel_records.put(domain, updated)
         peer = self._peer_tunnel(domain)
         assert peer is not None
         dataplane = await self._ensure_dataplane()
@@ -288,8 +318,10 @@ class ConnectionManager:
 
     async def drop_peer(self, domain: str) -> None:
         """A peer left: close its connections and remove the tunnel."""
-        for record in [r for r in self._connections.values() if r.peer == domain]:
-            await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
+        for cid in [r.connection.id for r in self._connections.values() if r.peer == domain]:
+            async with self._holding(cid) as record:
+                if record is not None:
+                    await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
         if self._tunnels.pop(domain, None) is not None:
             await self._tunnel_records.delete(domain)
             if self._dataplane is not None:
@@ -447,6 +479,8 @@ class ConnectionManager:
     ) -> ConnectionRecord:
         c = record.connection
         assert record.peer is not None
+        # An unknown domain fails here, before a tunnel or a port is set aside for it.
+        await self._federation.resolver.resolve(record.peer)
         tunnel = await self._tunnel(record.peer)
         offer = ConnectionOffer(
             id=c.id,
@@ -459,7 +493,7 @@ class ConnectionManager:
         answer = await self._federation.call(
             record.peer, "POST", "/federation/v1/connections", json=offer.model_dump(mode="json")
         )
-        grant = ConnectionGrant.model_validate(answer)
+        grant = self._check_grant(record, parse_answer(ConnectionGrant, answer, record.peer))
         await self._connect_tunnel(record.peer, grant.wireguard)
         previous = (c.client.address, c.server.address)
         updated_connection = c.model_copy(
@@ -481,6 +515,21 @@ class ConnectionManager:
             record, ConnectionState.UP, f"wired to {grant.endpoint}@{record.peer}"
         )
 
+    @staticmethod
+    def _check_grant(record: ConnectionRecord, grant: ConnectionGrant) -> ConnectionGrant:
+        """A grant is installed in the client's namespace: it must be for this connection
+        and stay off the prefixes this side uses."""
+        if grant.id != record.connection.id:
+            raise BadPeerAnswer(f"{record.peer} answered for connection {grant.id}")
+        pair = ipaddress.ip_interface(grant.client_address).network
+        for prefix in [pair, *grant.routes]:
+            for excluded in record.exclude:
+                if prefix.version == excluded.version and prefix.overlaps(excluded):
+                    raise BadPeerAnswer(
+                        f"{record.peer} offered {prefix}, which overlaps {excluded} in use here"
+                    )
+        return grant
+
     def _schedule_refresh(self, record: ConnectionRecord) -> None:
         expires = record.connection.expires_at.timestamp()
         now = self._clock.now()
@@ -491,7 +540,7 @@ class ConnectionManager:
         answer = await self._federation.call(
             record.peer, "POST", f"/federation/v1/connections/{record.connection.id}/refresh"
         )
-        lease = LeaseGrant.model_validate(answer)
+        lease = parse_answer(LeaseGrant, answer, record.peer)
         record = record.model_copy(
             update={
                 "connection": record.connection.model_copy(update={"expires_at": lease.expires_at})
@@ -502,8 +551,9 @@ class ConnectionManager:
         return record
 
     async def close(self, connection_id: str) -> ConnectionRecord:
-        record = self.get(connection_id)
-        async with self._lock(connection_id):
+        async with self._holding(connection_id) as record:
+            if record is None:
+                raise NotFound(f"no connection {connection_id!r}")
             return await self._close(record, "closed by request", tell_peer=True)
 
     async def _close(
@@ -529,7 +579,6 @@ class ConnectionManager:
         self._connections.pop(c.id, None)
         for table in (self._retry_at, self._backoff, self._refresh_at):
             table.pop(c.id, None)
-        self._locks.pop(c.id, None)
         self._publish(EventType.DELETED, closed)
         log.info("connection %s closed: %s", c.id, reason)
         return record.model_copy(update={"connection": closed})
@@ -619,17 +668,16 @@ class ConnectionManager:
 
     async def serve(self, caller: str, offer: ConnectionOffer) -> ConnectionGrant:
         """A peer's client asks for a connection to one of our endpoints."""
-        existing = self._connections.get(offer.id)
-        if existing is not None:
-            if existing.role != "server" or existing.peer != caller:
-                raise Conflict(f"connection id {offer.id} is taken")
-            async with self._lock(offer.id):
-                await self._connect_tunnel(caller, offer.wireguard)
-                return await self._grant(await self._extend(existing))
         service = self._registry.service(offer.service)
         if not service.exported_to(caller):
             raise NotExported(f"network service {offer.service!r} is not exported to {caller}")
-        async with self._lock(offer.id):
+        async with self._holding(offer.id) as existing:
+            if existing is not None:
+                # The client asks again for a connection it has (it healed, or retried).
+                if existing.role != "server" or existing.peer != caller:
+                    raise Conflict(f"connection id {offer.id} is taken")
+                await self._connect_tunnel(caller, offer.wireguard)
+                return await self._grant(await self._extend(existing))
             endpoint, endpoint_address, client_address = await self._allocate(
                 offer.id, offer.service, dict(offer.selector), offer.prefer, list(offer.exclude)
             )
@@ -698,13 +746,13 @@ class ConnectionManager:
         return updated
 
     async def serve_refresh(self, caller: str, connection_id: str) -> LeaseGrant:
-        record = self._served(caller, connection_id)
-        record = await self._extend(record)
-        return LeaseGrant(id=connection_id, expires_at=record.connection.expires_at)
+        async with self._holding(connection_id) as record:
+            record = await self._extend(self._served(caller, connection_id, record))
+            return LeaseGrant(id=connection_id, expires_at=record.connection.expires_at)
 
     async def serve_close(self, caller: str, connection_id: str) -> None:
-        record = self._served(caller, connection_id)
-        async with self._lock(connection_id):
+        async with self._holding(connection_id) as record:
+            record = self._served(caller, connection_id, record)
             await self._close(record, f"closed by {caller}", tell_peer=False)
 
     def _notify_closed(self, peer: str, connection_id: str, reason: str) -> None:
@@ -725,16 +773,16 @@ class ConnectionManager:
 
     async def peer_closed(self, caller: str, connection_id: str, reason: str) -> None:
         """The serving gateway closed one of our client connections: heal it now."""
-        record = self._connections.get(connection_id)
-        if record is None or record.role != "client" or record.peer != caller:
-            raise NotFound(f"no connection {connection_id!r} to {caller} here")
-        async with self._lock(connection_id):
-            record = self._connections.get(connection_id, record)
+        async with self._holding(connection_id) as record:
+            if record is None or record.role != "client" or record.peer != caller:
+                raise NotFound(f"no connection {connection_id!r} to {caller} here")
             await self._move(record, ConnectionState.DOWN, f"{caller} closed it: {reason}")
             self._retry_at[connection_id] = 0.0
 
-    def _served(self, caller: str, connection_id: str) -> ConnectionRecord:
-        record = self._connections.get(connection_id)
+    @staticmethod
+    def _served(
+        caller: str, connection_id: str, record: ConnectionRecord | None
+    ) -> ConnectionRecord:
         if record is None or record.role != "server" or record.peer != caller:
             raise NotFound(f"no connection {connection_id!r} of {caller} here")
         return record
@@ -776,17 +824,28 @@ class ConnectionManager:
             return {cid for cid, w in clients.items() if not self._probe.alive(w)}
 
         gone = await asyncio.to_thread(probe) if clients else set()
-        for record in list(self._connections.values()):
-            cid = record.connection.id
-            if cid not in self._connections:
-                continue
-            async with self._lock(cid):
-                record = self._connections.get(cid, record)
-                if cid in gone:
-                    workload = record.connection.client.workload
-                    await self._close(record, f"client workload gone: {workload}", tell_peer=True)
-                else:
-                    await self._check(record, now, silent)
+        # Each connection on its own, a few at a time: a peer that does not answer
+        # delays only its own connections, not the refreshes of the others.
+        limit = asyncio.Semaphore(16)
+
+        async def one(cid: str) -> None:
+            lock = self._lock(cid)
+            if lock.locked():
+                return  # being requested, healed or closed right now: next tick
+            async with limit, self._holding(cid) as record:
+                if record is None:
+                    return
+                try:
+                    if cid in gone:
+                        workload = record.connection.client.workload
+                        reason = f"client workload gone: {workload}"
+                        await self._close(record, reason, tell_peer=True)
+                    else:
+                        await self._check(record, now, silent)
+                except Exception:
+                    log.exception("supervising connection %s failed; next tick retries", cid)
+
+        await asyncio.gather(*(one(cid) for cid in list(self._connections)))
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel carries connections but has not shaken hands for too long."""
@@ -853,7 +912,9 @@ class ConnectionManager:
                 await self._connect_local(record, prefer)
             else:
                 await self._connect_remote(record, prefer)
-        except (FedgwError, OSError) as exc:
+        except Exception as exc:
+            if not isinstance(exc, FedgwError | OSError):
+                log.exception("healing connection %s failed unexpectedly", c.id)
             delay = min(self._backoff.get(c.id, 0.25) * 2, MAX_BACKOFF)
             self._backoff[c.id] = delay
             self._retry_at[c.id] = self._clock.now() + delay

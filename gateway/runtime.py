@@ -10,7 +10,7 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from federation.client import FederationClient
 from federation.service import Federation, FederationSettings
@@ -32,6 +32,15 @@ from wireguard.drivers import DriverSelection, select_driver
 from wireguard.drivers.userspace import UserspaceSettings
 
 log = logging.getLogger(__name__)
+
+
+T = TypeVar("T")
+
+
+def _started(part: T | None) -> T:
+    if part is None:
+        raise RuntimeError("gateway is not started")
+    return part
 
 
 _DRIVERS: dict[str, DriverSelection] = {
@@ -63,28 +72,20 @@ class Gateway:
 
     @property
     def registry(self) -> Registry:
-        if self._registry is None:
-            raise RuntimeError("gateway is not started")
-        return self._registry
+        return _started(self._registry)
 
     @property
     def identity(self) -> FederatedIdentity:
-        if self._identity is None:
-            raise RuntimeError("gateway is not started")
-        return self._identity
+        return _started(self._identity)
 
     @property
     def federation(self) -> Federation:
         """Tokens, peers, and mTLS calls to peer gateways."""
-        if self._federation is None:
-            raise RuntimeError("gateway is not started")
-        return self._federation
+        return _started(self._federation)
 
     @property
     def connections(self) -> ConnectionManager:
-        if self._connections is None:
-            raise RuntimeError("gateway is not started")
-        return self._connections
+        return _started(self._connections)
 
     async def _make_connections(self, probe: WorkloadProbe) -> ConnectionManager:
         s = self.settings
@@ -134,9 +135,7 @@ class Gateway:
 
     @property
     def store(self) -> Store:
-        if self._store is None:
-            raise RuntimeError("gateway is not started")
-        return self._store
+        return _started(self._store)
 
     async def start(self) -> None:
         s = self.settings

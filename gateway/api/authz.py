@@ -28,7 +28,13 @@ def caller(request: Request) -> SpiffeId:
 @dataclass(frozen=True)
 class Allow:
     """An allow-list: exact SPIFFE IDs, whole trust domains, and/or the gateways of the
-    domains this gateway federates with (``peer_gateways``)."""
+    domains this gateway federates with (``peer_gateways``).
+
+    Federated means: this gateway holds the domain's trust bundle, whether from a join,
+    static config or SPIRE's own federation. Trusting a domain's bundle is the decision
+    to federate with it; SPIRE-federated domains have no fedgw peer entry, yet their
+    gateways are peers all the same.
+    """
 
     ids: frozenset[str] = field(default_factory=frozenset)
     domains: frozenset[str] = field(default_factory=frozenset)

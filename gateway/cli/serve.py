@@ -87,6 +87,10 @@ def serve_command(
             help="Peers cannot reach this gateway's UDP ports (keepalives keep paths open).",
         ),
     ] = None,
+    mss_clamping: Annotated[
+        bool | None,
+        typer.Option("--mss-clamping/--no-mss-clamping", help="Clamp TCP MSS on the tunnels."),
+    ] = None,
     connection_lease: Annotated[
         str | None, typer.Option(help="Lease of connections served here [60s].")
     ] = None,
@@ -126,6 +130,7 @@ def serve_command(
         wireguard_port=wireguard_port,
         behind_nat=behind_nat,
         connection_lease=connection_lease,
+        mss_clamping=mss_clamping,
         exclude_prefixes=exclude_prefix or None,
     )
     # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.

@@ -3,8 +3,6 @@ made with ``cryptography``, and a folder of known-bad SVIDs generated at test ti
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,16 +42,6 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path is too deep.
-    path = Path(tempfile.mkdtemp(prefix="fgw-id-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

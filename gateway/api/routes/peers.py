@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, status
-from pydantic import TypeAdapter
+from pydantic import BaseModel
 
 from federation.models import (
     FederatedEndpoint,
@@ -14,6 +14,7 @@ from federation.models import (
     PeerInfo,
     TokenCreate,
     TokenCreated,
+    parse_answer,
 )
 from federation.tokens import TokenInfo
 from gateway.api.deps import GatewayDep
@@ -21,8 +22,13 @@ from gateway.api.schemas import LeaveResult
 
 router = APIRouter(prefix="/v1", tags=["federation"])
 
-_services = TypeAdapter(list[FederatedService])
-_endpoints = TypeAdapter(list[FederatedEndpoint])
+
+class _ServiceList(BaseModel):
+    items: list[FederatedService]
+
+
+class _EndpointList(BaseModel):
+    items: list[FederatedEndpoint]
 
 
 @router.post("/tokens", summary="Create a federation token", status_code=status.HTTP_201_CREATED)
@@ -60,7 +66,7 @@ async def leave(domain: str, gateway: GatewayDep) -> LeaveResult:
 @router.get("/peers/{domain}/services", summary="Network services a peer exports to us")
 async def peer_services(domain: str, gateway: GatewayDep) -> list[FederatedService]:
     answer = await gateway.federation.call(domain, "GET", "/federation/v1/services")
-    return _services.validate_python(answer)
+    return parse_answer(_ServiceList, {"items": answer}, domain).items
 
 
 @router.get("/peers/{domain}/endpoints", summary="Endpoints of what a peer exports to us")
@@ -71,4 +77,4 @@ async def peer_endpoints(
 ) -> list[FederatedEndpoint]:
     params = {"service": service} if service else None
     answer = await gateway.federation.call(domain, "GET", "/federation/v1/endpoints", params=params)
-    return _endpoints.validate_python(answer)
+    return parse_answer(_EndpointList, {"items": answer}, domain).items
