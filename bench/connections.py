@@ -76,6 +76,7 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workloads", type=int, default=50, help="client namespaces")
     parser.add_argument("--baseline", type=int, default=300, help="local connections")
+    parser.add_argument("--keep-lab", action="store_true", help="leave the lab up (to debug)")
     args = parser.parse_args()
     lab = Lab("bconn")
     await lab.down()
@@ -167,7 +168,8 @@ async def main() -> None:
             f"ping through it all: {received}/400 answered; {up_after} connections up after"
         )
     finally:
-        await lab.down()
+        if not args.keep_lab:
+            await lab.down()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ become the fedgw error they stand for, with the peer's message.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any
 
@@ -44,15 +45,28 @@ class FederationClient:
         json: Any = None,
         params: Any = None,
     ) -> Any:
-        """``method path`` on the federation API of ``domain`` at ``url``; the JSON answer."""
-        try:
-            response = await self._client(domain).request(
-                method, url.rstrip("/") + path, json=json, params=params
-            )
-        except httpx.HTTPError as exc:
-            raise PeerUnreachable(f"{domain} at {url}: {_reason(exc)}") from exc
-        except IdentityError as exc:  # no bundle for the domain, no SVID yet
-            raise PeerUnreachable(f"{domain} at {url}: {exc}") from exc
+        """``method path`` on the federation API of ``domain`` at ``url``; the JSON answer.
+
+        Every call of the federation API is idempotent, so one that failed in transport
+        (a kept-alive connection the peer had just closed, a reset under load) is tried
+        once more on a fresh connection before it counts as a failure.
+        """
+        for attempt in (1, 2):
+            try:
+                response = await self._client(domain).request(
+                    method, url.rstrip("/") + path, json=json, params=params
+                )
+                break
+            except httpx.TimeoutException as exc:
+                raise PeerUnreachable(f"{domain} at {url}: {_reason(exc)}") from exc
+            except httpx.TransportError as exc:
+                if attempt == 2 or _is_verification(exc):
+                    raise PeerUnreachable(f"{domain} at {url}: {_reason(exc)}") from exc
+                await asyncio.sleep(0.1)
+            except httpx.HTTPError as exc:
+                raise PeerUnreachable(f"{domain} at {url}: {_reason(exc)}") from exc
+            except IdentityError as exc:  # no bundle for the domain, no SVID yet
+                raise PeerUnreachable(f"{domain} at {url}: {exc}") from exc
         if response.status_code >= 400:
             raise error_from_response(response.status_code, response.text, source=domain)
         if not response.content:
@@ -71,6 +85,16 @@ class FederationClient:
     async def close(self) -> None:
         for domain in list(self._clients):
             await self.forget(domain)
+
+
+def _is_verification(exc: BaseException) -> bool:
+    """A TLS verification failure: trying again cannot help."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _reason(exc: BaseException) -> str:

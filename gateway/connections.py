@@ -172,6 +172,9 @@ class ConnectionManager:
         self._refresh_at: dict[str, float] = {}
         self._notifications: set[asyncio.Task[None]] = set()
         self._repair = False
+        self._counters: dict[str, tuple[int, int]] = {}
+        self._ensured: dict[str, PeerTunnel] = {}  # tunnels as last applied
+        self._silence_checked = 0.0
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -183,7 +186,9 @@ class ConnectionManager:
             self._tunnels[tunnel.domain] = tunnel
         if self._make_dataplane is not None and (self._connections or self._tunnels):
             dataplane = await self._ensure_dataplane()
-            report = await dataplane.reconcile(self._desired())
+            desired = self._desired()
+            report = await dataplane.reconcile(desired)
+            self._ensured = {peer.domain: peer for peer in desired.peers}
             for change in report.changes:
                 log.info("data plane reconciled: %s", change)
             for failure in report.failures:
@@ -314,7 +319,11 @@ class ConnectionManager:
         peer = self._peer_tunnel(domain)
         assert peer is not None
         dataplane = await self._ensure_dataplane()
-        await dataplane.ensure_peer(peer)
+        # Every connection passes here; the tunnel changes rarely, and making sure of it
+        # means reading the whole namespace.
+        if self._ensured.get(domain) != peer:
+            await dataplane.ensure_peer(peer)
+            self._ensured[domain] = peer
 
     async def drop_peer(self, domain: str) -> None:
         """A peer left: close its connections and remove the tunnel."""
@@ -322,6 +331,7 @@ class ConnectionManager:
             async with self._holding(cid) as record:
                 if record is not None:
                     await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
+        self._ensured.pop(domain, None)
         if self._tunnels.pop(domain, None) is not None:
             await self._tunnel_records.delete(domain)
             if self._dataplane is not None:
@@ -807,13 +817,18 @@ class ConnectionManager:
     async def tick(self) -> None:
         if self._repair and self._dataplane is not None:
             self._repair = False
-            report = await self._dataplane.reconcile(self._desired())
+            desired = self._desired()
+            report = await self._dataplane.reconcile(desired)
+            self._ensured = {peer.domain: peer for peer in desired.peers}
             for change in report.changes:
                 log.info("data plane repaired: %s", change)
             for failure in report.failures:
                 log.warning("data plane could not repair: %s", failure)
         now = self._clock.now()
-        silent = await self._silent_tunnels()
+        silent: set[str] = set()
+        if now - self._silence_checked >= 5.0:  # reading tunnel counters is not free
+            self._silence_checked = now
+            silent = await self._silent_tunnels()
         clients = {
             r.connection.id: r.connection.client.workload
             for r in self._connections.values()
@@ -848,7 +863,9 @@ class ConnectionManager:
         await asyncio.gather(*(one(cid) for cid in list(self._connections)))
 
     async def _silent_tunnels(self) -> set[str]:
-        """Peers whose tunnel carries connections but has not shaken hands for too long."""
+        """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but
+        nothing comes back (rx does not) and the last handshake is older than the
+        timeout. An idle tunnel sends nothing and shakes no hands: it is not silent."""
         if self._dataplane is None:
             return set()
         try:
@@ -857,10 +874,15 @@ class ConnectionManager:
             return set()
         now = self._clock.now()
         silent = set()
+        counters = {}
         for peer in status.peers:
+            counters[peer.domain] = (peer.rx_bytes, peer.tx_bytes)
+            rx0, tx0 = self._counters.get(peer.domain, (peer.rx_bytes, peer.tx_bytes))
             last = peer.last_handshake.timestamp() if peer.last_handshake else None
-            if last is not None and now - last > self._handshake_timeout:
+            stale = last is None or now - last > self._handshake_timeout
+            if stale and peer.tx_bytes > tx0 and peer.rx_bytes == rx0:
                 silent.add(peer.domain)
+        self._counters = counters
         return silent
 
     async def _check(self, record: ConnectionRecord, now: float, silent: set[str]) -> None:

@@ -56,6 +56,7 @@ from wireguard.routing import (
 from wireguard.wires import (
     ClientWire,
     EndpointWire,
+    NamespaceSnapshot,
     PeerTunnel,
     Role,
     Wire,
@@ -618,7 +619,8 @@ class Dataplane:
             ref = self._ref(tunnel.plan.interface)
             nets = [a.prefix for a in allowed]
             if add:
-                await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets)
+                # The ledger counts references: these prefixes are new to the peer.
+                await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets, known_new=True)
             else:
                 with contextlib.suppress(LinkNotFound):
                     await self.driver.remove_allowed_ips(ref, tunnel.peer.public_key, nets)
@@ -869,34 +871,55 @@ class _Reconciliation:
                 model.tables.release(key)
 
     async def _wires(self, links: dict[str, LinkDetails]) -> None:
+        # Grouped by workload namespace: one session and one snapshot per namespace.
+        by_netns: dict[str, list[WirePlan]] = {}
+        for plan in list(self.model.wires.values()):
+            by_netns.setdefault(plan.workload_end.netns, []).append(plan)
+        for netns, plans in by_netns.items():
+            await self._wires_in(netns, plans, links)
+
+    async def _wires_in(
+        self, netns: str, plans: list[WirePlan], links: dict[str, LinkDetails]
+    ) -> None:
         rtnl = self.dp.rtnl
         protocol = self.dp.policy.protocol
-        for plan in list(self.model.wires.values()):
-            what = f"connection {plan.wire.connection_id} ({plan.wire.role})"
-            end = plan.workload_end
-            link = links.get(plan.veth)
-            try:
-                ours = (
-                    link is not None
-                    and link.kind == "veth"
-                    and (link.mac or "").lower() == plan.mac
-                )
-                if ours and link is not None:
-                    async with ThreadedRtnl(end.netns) as wl:
-                        found = await wl.link_details(end.name)
-                        ours = is_our_end(found[0] if found else None, end, link.index)
+        session: ThreadedRtnl | None = None
+        snapshot: NamespaceSnapshot | None = None
+        try:
+            for plan in plans:
+                what = f"connection {plan.wire.connection_id} ({plan.wire.role})"
+                end = plan.workload_end
+                link = links.get(plan.veth)
+                try:
+                    ours = (
+                        link is not None
+                        and link.kind == "veth"
+                        and (link.mac or "").lower() == plan.mac
+                    )
+                    if ours and link is not None:
+                        if session is None:
+                            session = ThreadedRtnl(netns)
+                            await session.__aenter__()
+                        if snapshot is None:
+                            snapshot = await NamespaceSnapshot.take(session)
+                        ours = is_our_end(snapshot.links.get(end.name), end, link.index)
                         if ours:
                             if link.mtu != plan.mtu or not link.up:
                                 await rtnl.set_link(plan.veth, mtu=plan.mtu, up=True)
                                 self.change(f"link {plan.veth}: mtu {plan.mtu}, up")
-                            for change in await repair_workload_end(wl, end, protocol):
+                            for change in await repair_workload_end(
+                                session, end, protocol, snapshot
+                            ):
                                 self.change(change)
-                if not ours:
-                    await self.dp._create_veth(plan)
-                    self.change(f"wire {plan.veth} <-> {end.name} in {end.netns}")
-            except DataplaneError as exc:
-                self.fail(what, exc)
-                self._drop_wire(plan)
+                    if not ours:
+                        await self.dp._create_veth(plan)
+                        self.change(f"wire {plan.veth} <-> {end.name} in {end.netns}")
+                except DataplaneError as exc:
+                    self.fail(what, exc)
+                    self._drop_wire(plan)
+        finally:
+            if session is not None:
+                await session.__aexit__(None, None, None)
 
     async def _objects(
         self, rules: set[Rule], routes: set[Route], neighbours: set[Neighbour]

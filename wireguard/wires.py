@@ -263,8 +263,37 @@ def is_our_end(link: LinkDetails | None, end: WorkloadEnd, gateway_index: int) -
     )
 
 
-async def repair_workload_end(rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: int) -> list[str]:
-    """Bring an existing workload end back to ``end``; what had to change.
+@dataclass(frozen=True, slots=True)
+class NamespaceSnapshot:
+    """A workload namespace as one set of dumps: reconciling many wires of one namespace
+    (an endpoint serves hundreds) reads it once, not once per wire."""
+
+    links: dict[str, LinkDetails]
+    addresses: dict[str, set[Interface]]
+    neighbours: dict[str, list[Neighbour]]
+    main_routes: list[Route]
+
+    @classmethod
+    async def take(cls, rtnl: ThreadedRtnl) -> NamespaceSnapshot:
+        addresses: dict[str, set[Interface]] = {}
+        for name, iface in await rtnl.addresses():
+            addresses.setdefault(name, set()).add(iface)
+        neighbours: dict[str, list[Neighbour]] = {}
+        for neighbour in await rtnl.neighbours():
+            neighbours.setdefault(neighbour.dev, []).append(neighbour)
+        return cls(
+            links={link.name: link for link in await rtnl.link_details()},
+            addresses=addresses,
+            neighbours=neighbours,
+            main_routes=await rtnl.routes(range(254, 255)),
+        )
+
+
+async def repair_workload_end(
+    rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: int, snapshot: NamespaceSnapshot | None = None
+) -> list[str]:
+    """Bring an existing workload end back to ``end``; what had to change. Reads come
+    from ``snapshot`` when given (taken in this reconciliation), else from the kernel.
 
     Only what fedgw put there is touched: its address (other global addresses on the
     interface are removed: the interface is fedgw's), its neighbour entry and the routes
@@ -272,14 +301,14 @@ async def repair_workload_end(rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: in
     """
     changes: list[str] = []
     where = f"{end.name} in {end.netns}"
-    links = await rtnl.link_details(end.name)
-    link = links[0] if links else None
+    snap = snapshot or await NamespaceSnapshot.take(rtnl)
+    link = snap.links.get(end.name)
     if link is None:
         return [f"missing {where}"]
     if link.mtu != end.mtu or not link.up:
         await rtnl.set_link(end.name, mtu=end.mtu, up=True)
         changes.append(f"link {where}: mtu {end.mtu}, up")
-    have = {iface for name, iface in await rtnl.addresses(end.name) if name == end.name}
+    have = snap.addresses.get(end.name, set())
     for iface in have:
         if iface != end.address and not iface.ip.is_link_local:
             await rtnl.delete_address(end.name, iface)
@@ -287,16 +316,12 @@ async def repair_workload_end(rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: in
     if end.address not in have:
         await rtnl.add_address_nodad(end.name, end.address)
         changes.append(f"address {end.address} on {where}")
-    neighbours = await rtnl.neighbours(end.name)
+    neighbours = snap.neighbours.get(end.name, [])
     if not any(n.address == end.next_hop and n.mac.lower() == end.gateway_mac for n in neighbours):
         await _set_neighbour(rtnl, end)
         changes.append(f"neighbour {end.next_hop} on {where}")
     want = {end.route(dst, protocol) for dst in end.routes}
-    current = {
-        r
-        for r in await rtnl.routes(range(254, 255))
-        if r.dev == end.name and r.protocol == protocol
-    }
+    current = {r for r in snap.main_routes if r.dev == end.name and r.protocol == protocol}
     for route in current - want:
         await rtnl.delete_route(route)
         changes.append(f"route {route.dst} removed from {where}")

@@ -328,11 +328,28 @@ class WireGuardDriver(ABC):
             return True
 
     async def add_allowed_ips(
-        self, iface: InterfaceRef, public_key: PublicKey, nets: Iterable[Network]
+        self,
+        iface: InterfaceRef,
+        public_key: PublicKey,
+        nets: Iterable[Network],
+        *,
+        known_new: bool = False,
     ) -> bool:
         """Add prefixes to one peer (taking them from any other peer that had exactly
         them, as WireGuard does); :class:`PeerNotFound` if there is no such peer.
-        False if it had them all already."""
+        False if it had them all already.
+
+        ``known_new``: the caller knows the peer exists and lacks these prefixes (it keeps
+        its own ledger), so the interface's state is not read first: that read grows with
+        every allowed IP and would make each new connection slower than the last.
+        """
+        if known_new:
+            new = sort_prefixes(set(nets))
+            if not new:
+                return False
+            async with self._locked(iface):
+                await self._write_peer(iface, PeerUpdate(public_key, create=False, allowed_ips=new))
+            return True
         async with self._locked(iface):
             peer = await self._peer(iface, public_key)
             new = sort_prefixes(set(nets) - set(peer.allowed_ips))
