@@ -154,6 +154,7 @@ class ConnectionManager:
         self._make_dataplane = dataplane
         self._dataplane: Dataplane | None = None
         self._dataplane_lock = asyncio.Lock()
+        self._reconciling: asyncio.Task[None] | None = None
         self._key = private_key
         self._advertise = advertise
         self._port_base = wireguard_port
@@ -175,29 +176,63 @@ class ConnectionManager:
         self._counters: dict[str, tuple[int, int]] = {}
         self._ensured: dict[str, PeerTunnel] = {}  # tunnels as last applied
         self._silence_checked = 0.0
+        self._refresh_retry = 1.0
 
     # --- life cycle ----------------------------------------------------------------------
 
     async def load(self) -> None:
         """Read the store and bring the data plane to it (adopting what is in place)."""
+        grace = to_datetime(self._clock.now() + self._lease)
         for record in await self._records.all():
+            c = record.connection
+            if record.role == "server" and c.expires_at < grace:
+                # Clients could not refresh while this gateway was down: give them a lease
+                # from now (the store learns it at their next refresh).
+                record = record.model_copy(
+                    update={"connection": c.model_copy(update={"expires_at": grace})}
+                )
             self._connections[record.connection.id] = record
         for tunnel in await self._tunnel_records.all():
             self._tunnels[tunnel.domain] = tunnel
         if self._make_dataplane is not None and (self._connections or self._tunnels):
-            dataplane = await self._ensure_dataplane()
-            desired = self._desired()
-            report = await dataplane.reconcile(desired)
-            self._ensured = {peer.domain: peer for peer in desired.peers}
-            for change in report.changes:
-                log.info("data plane reconciled: %s", change)
-            for failure in report.failures:
-                log.warning("data plane could not reconcile: %s", failure)
+            # In the background: the kernel still holds the wires (traffic flows), so the
+            # gateway serves at once; data-plane work waits for this to finish.
+            self._reconciling = asyncio.get_running_loop().create_task(
+                self._reconcile_on_start(), name="fedgw-reconcile"
+            )
         log.info("connections loaded: %d", len(self._connections))
 
+    async def _reconcile_on_start(self) -> None:
+        t0 = self._clock.now()
+        dataplane = await self._open_dataplane()
+        desired = self._desired()
+        report = await dataplane.reconcile(desired)
+        self._ensured = {peer.domain: peer for peer in desired.peers}
+        for change in report.changes:
+            log.info("data plane reconciled: %s", change)
+        for failure in report.failures:
+            log.warning("data plane could not reconcile: %s", failure)
+        log.info(
+            "data plane reconciled with %d connection(s) in %.1fs",
+            len(self._connections),
+            self._clock.now() - t0,
+        )
+
     async def _ensure_dataplane(self) -> Dataplane:
-        """The data plane, opened on first use: a gateway that never connects anything
-        never touches the network of its namespace."""
+        """The data plane, opened on first use (a gateway that never connects anything
+        never touches the network of its namespace), once the start-up reconciliation
+        is done."""
+        if self._reconciling is not None:
+            task = self._reconciling
+            try:
+                await asyncio.shield(task)
+            except Exception:
+                log.exception("start-up reconciliation failed; going on without it")
+            if self._reconciling is task:
+                self._reconciling = None
+        return await self._open_dataplane()
+
+    async def _open_dataplane(self) -> Dataplane:
         if self._make_dataplane is None or self._key is None:
             raise Unavailable(
                 "this gateway has no data plane (it runs with --dataplane off)", retryable=False
@@ -211,6 +246,10 @@ class ConnectionManager:
 
     async def shutdown(self) -> None:
         """Close the data plane's session; tunnels and wires stay for the next start."""
+        if self._reconciling is not None:
+            self._reconciling.cancel()
+            await asyncio.gather(self._reconciling, return_exceptions=True)
+            self._reconciling = None
         for task in list(self._notifications):
             task.cancel()
         await asyncio.gather(*self._notifications, return_exceptions=True)
@@ -815,6 +854,8 @@ class ConnectionManager:
         self._repair = True
 
     async def tick(self) -> None:
+        if self._reconciling is not None and not self._reconciling.done():
+            return  # the start-up reconciliation comes first
         if self._repair and self._dataplane is not None:
             self._repair = False
             desired = self._desired()
@@ -911,6 +952,14 @@ class ConnectionManager:
                         record,
                         f"{record.peer} no longer has the connection (endpoint gone or lease lost)",
                     )
+                except PeerUnreachable as exc:
+                    # The data plane does not need the peer's API: while the lease holds,
+                    # the connection stays up and the refresh is tried again soon.
+                    if c.expires_at.timestamp() - now > 2 * self._refresh_retry:
+                        log.info("lease refresh of %s failed, retrying: %s", c.id, exc)
+                        self._refresh_at[c.id] = now + self._refresh_retry
+                    else:
+                        await self._heal(record, f"lease refresh failed: {exc}")
                 except FedgwError as exc:
                     await self._heal(record, f"lease refresh failed: {exc}")
         elif self._retry_at.get(c.id, 0.0) <= now:
