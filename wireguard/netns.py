@@ -178,12 +178,31 @@ async def get_sysctl(netns: str, key: str) -> str:
 
 @dataclass(frozen=True)
 class Link:
+    """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
+
     index: int
     name: str
     kind: str | None
     up: bool
     mtu: int
-    master: int | None
+    master: int | None = None
+    mac: str | None = None
+    peer_index: int | None = None
+    """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
+
+
+def _link(msg: Any) -> Link:
+    info = msg.get("IFLA_LINKINFO")
+    return Link(
+        index=msg["index"],
+        name=msg.get("IFLA_IFNAME"),
+        kind=info.get("IFLA_INFO_KIND") if info else None,
+        up=bool(msg["flags"] & 1),
+        mtu=msg.get("IFLA_MTU"),
+        master=msg.get("IFLA_MASTER"),
+        mac=msg.get("IFLA_ADDRESS"),
+        peer_index=msg.get("IFLA_LINK"),
+    )
 
 
 class Rtnl:
@@ -252,20 +271,7 @@ class Rtnl:
         return index
 
     async def links(self) -> list[Link]:
-        out = []
-        async for msg in await self.ipr.link("dump"):
-            info = msg.get("IFLA_LINKINFO")
-            out.append(
-                Link(
-                    index=msg["index"],
-                    name=msg.get("IFLA_IFNAME"),
-                    kind=info.get("IFLA_INFO_KIND") if info else None,
-                    up=bool(msg["flags"] & 1),
-                    mtu=msg.get("IFLA_MTU"),
-                    master=msg.get("IFLA_MASTER"),
-                )
-            )
-        return out
+        return [_link(msg) async for msg in await self.ipr.link("dump")]
 
     async def add_veth(
         self, ifname: str, peer: str, peer_netns: str | None = None, *, exist_ok: bool = True
@@ -432,18 +438,7 @@ NUD_PERMANENT = 0x80
 IFA_F_NODAD = 0x02
 
 
-@dataclass(frozen=True, slots=True)
-class LinkDetails:
-    """A link with what identifies a veth end: its MAC and its peer's index."""
-
-    index: int
-    name: str
-    kind: str | None
-    up: bool
-    mtu: int
-    mac: str | None
-    peer_index: int | None
-    """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
+LinkDetails = Link  # the name the data plane uses for links read in full
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,30 +554,16 @@ class ThreadedRtnl(Rtnl):
 
     async def link_details(self, ifname: str | None = None) -> list[LinkDetails]:
         """Every link (or the one named ``ifname``, if it exists) with MAC and peer index."""
-        out = []
         spec: dict[str, Any] = {} if ifname is None else {"ifname": ifname}
         try:
             answer = await self.ipr.link("dump" if ifname is None else "get", **spec)
             # "get" answers a list, "dump" an async iterator.
             msgs = list(answer) if isinstance(answer, list) else [m async for m in answer]
-            for msg in msgs:
-                info = msg.get("IFLA_LINKINFO")
-                out.append(
-                    LinkDetails(
-                        index=msg["index"],
-                        name=msg.get("IFLA_IFNAME"),
-                        kind=info.get("IFLA_INFO_KIND") if info else None,
-                        up=bool(msg["flags"] & 1),
-                        mtu=msg.get("IFLA_MTU"),
-                        mac=msg.get("IFLA_ADDRESS"),
-                        peer_index=msg.get("IFLA_LINK"),
-                    )
-                )
         except NetlinkError as exc:
             if exc.code == errno.ENODEV:
                 return []
             raise self._failed(f"read link {ifname or ''}", exc) from exc
-        return out
+        return [_link(msg) for msg in msgs]
 
     async def add_veth_pair(
         self,
