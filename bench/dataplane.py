@@ -32,7 +32,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -55,8 +54,8 @@ from wireguard.netns import (
     Rtnl,
     create_netns,
     delete_netns,
+    kill_netns_processes,
     netns_exists,
-    netns_pids,
     run,
 )
 from wireguard.wires import ClientWire, EndpointWire, PeerTunnel
@@ -311,14 +310,7 @@ class Bench:
             with contextlib.suppress(Exception):
                 await self.driver.remove_interface(ref)
         await self.driver.close()
-        for _ in range(50):
-            pids = netns_pids(list(self.names.values()))
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.05)
+        await kill_netns_processes(list(self.names.values()))
         for name in self.names.values():
             await delete_netns(name)
         left += [ns for ns in self.names.values() if netns_exists(ns)]

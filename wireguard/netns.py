@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import ipaddress
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -121,6 +122,24 @@ def netns_pids(names: Sequence[str], proc: Path = Path("/proc")) -> dict[int, st
             if ino in inodes:
                 found[int(entry.name)] = inodes[ino]
     return found
+
+
+async def kill_netns_processes(
+    names: Sequence[str], rounds: int = 50, interval: float = 0.05
+) -> set[int]:
+    """SIGKILL whatever runs in the namespaces ``names`` (deleting a namespace does not
+    stop it), in rounds, since a dying parent may have started another; the pids killed."""
+    killed: set[int] = set()
+    for _ in range(rounds):
+        pids = netns_pids(names)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        killed.update(pids)
+        await asyncio.sleep(interval)
+    return killed
 
 
 def _in_netns(name: str, fn: Callable[[], T]) -> T:

@@ -3,19 +3,23 @@ with everything in them (daemons, UAPI sockets) even when a test fails."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
 import shutil
-import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
 
 from wireguard.drivers.uapi import SOCKET_DIR
-from wireguard.netns import create_netns, delete_netns, netns_exists, netns_pids
+from wireguard.netns import (
+    create_netns,
+    delete_netns,
+    kill_netns_processes,
+    netns_exists,
+    netns_pids,
+)
 
 IS_ROOT = os.geteuid() == 0
 HAVE_WIREGUARD_GO = shutil.which("wireguard-go") is not None
@@ -48,15 +52,7 @@ class Lab:
                 return name
 
     async def cleanup(self) -> None:
-        # Processes first: deleting a namespace does not stop what runs in it.
-        for _ in range(50):
-            pids = netns_pids(self.namespaces)
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.05)
+        await kill_netns_processes(self.namespaces)
         for name in self.ifnames:
             with contextlib.suppress(FileNotFoundError):
                 (SOCKET_DIR / f"{name}.sock").unlink()

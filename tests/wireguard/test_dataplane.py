@@ -44,6 +44,7 @@ from wireguard.netns import (
     create_netns,
     delete_netns,
     in_netns,
+    kill_netns_processes,
     netns_exists,
     netns_pids,
     run,
@@ -193,15 +194,9 @@ class DataplaneLab:
                     proc.kill()
                 await proc.wait()
         # Whatever still runs in the test's namespaces (a daemon a failed test left).
-        for _ in range(50):
-            pids = netns_pids(self.namespaces)
-            if not pids:
-                break
-            problems.append(f"processes left: {sorted(pids)}")
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.05)
+        killed = await kill_netns_processes(self.namespaces)
+        if killed:
+            problems.append(f"processes left: {sorted(killed)}")
         sockets = sorted(p.name for p in _our_sockets(self.prefix))
         if sockets:
             problems.append(f"UAPI sockets left: {sockets}")
