@@ -1,5 +1,5 @@
 """Fixtures shared by all tests: short temporary directories (unix socket paths are
-limited to 107 bytes), gateways in-process and as real processes."""
+limited to 107 bytes), each store, gateways in-process and as real processes."""
 
 from __future__ import annotations
 
@@ -20,10 +20,13 @@ import httpx
 import pytest
 
 from fedgw.clock import Clock
+from fedgw.store import Store
 from gateway.client import GatewayClient
 from gateway.runtime import Gateway
 from gateway.server import run_gateway
 from gateway.settings import GatewaySettings
+from gateway.store.memory import MemoryStore
+from gateway.store.sqlite import SqliteStore
 
 pytest_plugins = ["clusters.pytest_plugin"]
 
@@ -37,6 +40,20 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """Each of the gateway's stores in turn, fresh and empty."""
+    s: Store = (
+        await SqliteStore.open(tmp_path / "state.db")
+        if request.param == "sqlite"
+        else MemoryStore()
+    )
+    try:
+        yield s
+    finally:
+        await s.close()
 
 
 def gateway_settings(base: Path, domain: str = "cluster1", **extra: Any) -> GatewaySettings:

@@ -6,27 +6,12 @@ import asyncio
 import os
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from fedgw.store import ABSENT, Store, StoreConflict, StoreUnavailable
-from gateway.store.memory import MemoryStore
 from gateway.store.sqlite import SqliteStore
-
-
-@pytest.fixture(params=["sqlite", "memory"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (
-        await SqliteStore.open(tmp_path / "state.db")
-        if request.param == "sqlite"
-        else MemoryStore()
-    )
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def test_put_get_scan_delete(store: Store) -> None:

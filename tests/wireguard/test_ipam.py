@@ -6,30 +6,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from fedgw.store import Store
 from gateway.store.memory import MemoryStore
-from gateway.store.sqlite import SqliteStore
 from wireguard.errors import InvalidSpec, PoolExhausted
 from wireguard.ipam import AddressPair, Ipam, IpamStore, PairClaim
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = (
-        await SqliteStore.open(tmp_path / "state.db")
-        if request.param == "sqlite"
-        else MemoryStore()
-    )
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def test_the_gateway_store_is_an_ipam_store() -> None:
