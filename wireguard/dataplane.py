@@ -32,7 +32,7 @@ from wireguard.errors import (
     UnknownPeer,
     WireConflict,
 )
-from wireguard.netns import LinkDetails, Neighbour, Route, Rule, ThreadedRtnl, in_netns
+from wireguard.netns import Link, Neighbour, Route, Rtnl, Rule, in_netns
 from wireguard.routing import (
     PRIORITY_SPAN,
     TUNNEL_LETTER,
@@ -246,7 +246,7 @@ class Dataplane:
         self.policy = Policy(settings.rule_priority, settings.route_protocol)
         self._model = _Model(TableAllocator(settings.tables))
         self._lock = asyncio.Lock()
-        self._rtnl: ThreadedRtnl | None = None
+        self._rtnl: Rtnl | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class Dataplane:
         """Open the netlink session of the gateway namespace and prepare it (forwarding,
         reverse-path filter, MSS clamping)."""
         if self._rtnl is None:
-            rtnl = ThreadedRtnl(self.settings.netns)
+            rtnl = Rtnl(self.settings.netns)
             await rtnl.__aenter__()
             self._rtnl = rtnl
         async with self._lock:
@@ -279,7 +279,7 @@ class Dataplane:
         await self.close()
 
     @property
-    def rtnl(self) -> ThreadedRtnl:
+    def rtnl(self) -> Rtnl:
         if self._rtnl is None:
             raise RuntimeError("Dataplane used before open()")
         return self._rtnl
@@ -561,7 +561,7 @@ class Dataplane:
                 ) from exc
             raise
         try:
-            async with ThreadedRtnl(end.netns) as rtnl:
+            async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol)
         except BaseException:
             await self._shielded(self.rtnl.delete_link(plan.veth))
@@ -870,7 +870,7 @@ class _Reconciliation:
             if not model.table_in_use(key):
                 model.tables.release(key)
 
-    async def _wires(self, links: dict[str, LinkDetails]) -> None:
+    async def _wires(self, links: dict[str, Link]) -> None:
         # Grouped by workload namespace: one session and one snapshot per namespace.
         by_netns: dict[str, list[WirePlan]] = {}
         for plan in list(self.model.wires.values()):
@@ -878,12 +878,10 @@ class _Reconciliation:
         for netns, plans in by_netns.items():
             await self._wires_in(netns, plans, links)
 
-    async def _wires_in(
-        self, netns: str, plans: list[WirePlan], links: dict[str, LinkDetails]
-    ) -> None:
+    async def _wires_in(self, netns: str, plans: list[WirePlan], links: dict[str, Link]) -> None:
         rtnl = self.dp.rtnl
         protocol = self.dp.policy.protocol
-        session: ThreadedRtnl | None = None
+        session: Rtnl | None = None
         snapshot: NamespaceSnapshot | None = None
         try:
             for plan in plans:
@@ -898,7 +896,7 @@ class _Reconciliation:
                     )
                     if ours and link is not None:
                         if session is None:
-                            session = ThreadedRtnl(netns)
+                            session = Rtnl(netns)
                             await session.__aenter__()
                         if snapshot is None:
                             snapshot = await NamespaceSnapshot.take(session)
@@ -961,9 +959,7 @@ class _Reconciliation:
             except DataplaneError as exc:
                 self.fail(f"{describe(obj)} removal", exc)
 
-    async def _remove_stale(
-        self, links: dict[str, LinkDetails], running: list[InterfaceRef]
-    ) -> None:
+    async def _remove_stale(self, links: dict[str, Link], running: list[InterfaceRef]) -> None:
         dp = self.dp
         wanted_veths = {p.veth for p in self.model.wires.values()}
         wanted_tunnels = {t.plan.interface for t in self.model.tunnels.values()}

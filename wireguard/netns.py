@@ -1,4 +1,4 @@
-"""Named network namespaces and async RTNL sessions inside them (pyroute2).
+"""Named network namespaces and async RTNL sessions inside them.
 
 Everything here is idempotent where a reconciler needs it to be (``exist_ok``,
 ``missing_ok``), and every netlink error leaves as :class:`NetlinkFailed` carrying the
@@ -15,17 +15,14 @@ import errno
 import ipaddress
 import os
 import signal
-import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from wireguard import rtnetlink as nl
 from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
 
 NETNS_DIR = Path("/run/netns")
@@ -192,225 +189,6 @@ async def get_sysctl(netns: str, key: str) -> str:
     return await in_netns(netns, lambda: path.read_text().strip())
 
 
-# --- RTNL sessions ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Link:
-    """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
-
-    index: int
-    name: str
-    kind: str | None
-    up: bool
-    mtu: int
-    master: int | None = None
-    mac: str | None = None
-    peer_index: int | None = None
-    """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
-
-
-def _link(msg: Any) -> Link:
-    info = msg.get("IFLA_LINKINFO")
-    return Link(
-        index=msg["index"],
-        name=msg.get("IFLA_IFNAME"),
-        kind=info.get("IFLA_INFO_KIND") if info else None,
-        up=bool(msg["flags"] & 1),
-        mtu=msg.get("IFLA_MTU"),
-        master=msg.get("IFLA_MASTER"),
-        mac=msg.get("IFLA_ADDRESS"),
-        peer_index=msg.get("IFLA_LINK"),
-    )
-
-
-class Rtnl:
-    """An RTNL session in one namespace (``None``: the namespace this process runs in).
-
-    ``async with Rtnl("fedgw.cluster1") as rtnl: await rtnl.add_veth(...)``
-    """
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self._ipr: AsyncIPRoute | None = None
-
-    @property
-    def where(self) -> str:
-        return f"netns {self.netns}" if self.netns else "this namespace"
-
-    async def __aenter__(self) -> Rtnl:
-        if self.netns is not None and not netns_exists(self.netns):
-            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist")
-        # flags=0: never create the namespace as a side effect of opening a session.
-        kwargs: dict[str, Any] = {"netns": self.netns, "flags": 0} if self.netns else {}
-        try:
-            self._ipr = AsyncIPRoute(**kwargs)
-            await self._ipr.setup_endpoint()
-        except FileNotFoundError:
-            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist") from None
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-
-    @property
-    def ipr(self) -> AsyncIPRoute:
-        if self._ipr is None:
-            raise RuntimeError("Rtnl used outside 'async with'")
-        return self._ipr
-
-    def _failed(self, action: str, exc: NetlinkError) -> NetlinkFailed:
-        return NetlinkFailed(f"{action} in {self.where}: {os.strerror(exc.code)}", errno=exc.code)
-
-    async def _call(self, action: str, coro: Any, *, ignore: frozenset[int] = frozenset()) -> Any:
-        try:
-            return await coro
-        except NetlinkError as exc:
-            if exc.code in ignore:
-                return None
-            raise self._failed(action, exc) from exc
-
-    # links
-
-    async def find(self, ifname: str) -> int | None:
-        indexes = await self._call(f"look up {ifname}", self.ipr.link_lookup(ifname=ifname))
-        return indexes[0] if indexes else None
-
-    async def index(self, ifname: str) -> int:
-        index = await self.find(ifname)
-        if index is None:
-            raise LinkNotFound(f"interface {ifname} does not exist in {self.where}")
-        return index
-
-    async def links(self) -> list[Link]:
-        return [_link(msg) async for msg in await self.ipr.link("dump")]
-
-    async def add_veth(
-        self, ifname: str, peer: str, peer_netns: str | None = None, *, exist_ok: bool = True
-    ) -> bool:
-        """A veth pair: ``ifname`` here, ``peer`` in ``peer_netns`` (here if None).
-        Created directly in place, so neither end ever appears anywhere else."""
-        check_ifname(ifname)
-        check_ifname(peer)
-        if exist_ok and await self.find(ifname) is not None:
-            return False
-        peer_spec: dict[str, Any] = {"ifname": peer}
-        if peer_netns is not None:
-            if not netns_exists(peer_netns):
-                raise NamespaceNotFound(f"network namespace {peer_netns!r} does not exist")
-            peer_spec["net_ns_fd"] = peer_netns
-        await self._call(
-            f"add veth {ifname} (peer {peer})",
-            self.ipr.link("add", ifname=ifname, kind="veth", peer=peer_spec),
-        )
-        return True
-
-    async def add_bridge(self, ifname: str, *, exist_ok: bool = True) -> bool:
-        check_ifname(ifname)
-        if exist_ok and await self.find(ifname) is not None:
-            return False
-        await self._call(f"add bridge {ifname}", self.ipr.link("add", ifname=ifname, kind="bridge"))
-        return True
-
-    async def set_link(
-        self,
-        ifname: str,
-        *,
-        up: bool | None = None,
-        mtu: int | None = None,
-        master: str | None = None,
-    ) -> None:
-        index = await self.index(ifname)
-        spec: dict[str, Any] = {}
-        if mtu is not None:
-            spec["mtu"] = mtu
-        if master is not None:
-            spec["master"] = await self.index(master)
-        if up is not None:
-            spec["state"] = "up" if up else "down"
-        if spec:
-            await self._call(f"set {ifname}", self.ipr.link("set", index=index, **spec))
-
-    async def delete_link(self, ifname: str, *, missing_ok: bool = True) -> bool:
-        index = await self.find(ifname)
-        if index is None:
-            if missing_ok:
-                return False
-            raise LinkNotFound(f"interface {ifname} does not exist in {self.where}")
-        await self._call(
-            f"delete {ifname}", self.ipr.link("del", index=index), ignore=frozenset({errno.ENODEV})
-        )
-        return True
-
-    # addresses and routes
-
-    async def add_address(self, ifname: str, address: Interface | str) -> bool:
-        """Add ``address`` (CIDR) to ``ifname``; False if it was there already."""
-        iface = ipaddress.ip_interface(address)
-        index = await self.index(ifname)
-        done = await self._call(
-            f"add address {iface} to {ifname}",
-            self.ipr.addr(
-                "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-            ),
-            ignore=frozenset({errno.EEXIST}),
-        )
-        return done is not None
-
-    async def addresses(self, ifname: str | None = None) -> list[tuple[str, Interface]]:
-        names = {link.index: link.name for link in await self.links()}
-        out: list[tuple[str, Interface]] = []
-        async for msg in await self.ipr.addr("dump"):
-            name = names.get(msg["index"], "?")
-            if ifname is None or name == ifname:
-                out.append(
-                    (name, ipaddress.ip_interface(f"{msg.get('IFA_ADDRESS')}/{msg['prefixlen']}"))
-                )
-        return out
-
-    async def add_route(
-        self,
-        dst: Network | str,
-        *,
-        via: str | None = None,
-        dev: str | None = None,
-        table: int | None = None,
-    ) -> None:
-        """Add or replace the route to ``dst`` ("default" for 0/0)."""
-        spec: dict[str, Any] = {"dst": str(dst)}
-        if via is not None:
-            spec["gateway"] = via
-        if dev is not None:
-            spec["oif"] = await self.index(dev)
-        if table is not None:
-            spec["table"] = table
-        await self._call(f"route {dst}", self.ipr.route("replace", **spec))
-
-    # appended for the WireGuard drivers
-
-    async def link(self, ifname: str) -> Link | None:
-        """The link ``ifname`` (with its kind), or None if there is none."""
-        return next((link for link in await self.links() if link.name == ifname), None)
-
-    async def add_wireguard(self, ifname: str, *, exist_ok: bool = True) -> bool:
-        """A kernel WireGuard link; :class:`NetlinkFailed` with EOPNOTSUPP where the
-        kernel has no WireGuard. False if ``ifname`` existed already."""
-        check_ifname(ifname)
-        if exist_ok and await self.find(ifname) is not None:
-            return False
-        await self._call(
-            f"add wireguard {ifname}", self.ipr.link("add", ifname=ifname, kind="wireguard")
-        )
-        return True
-
-
 def _in_new_netns(fn: Callable[[], T]) -> T:
     """Run ``fn`` on a throwaway thread moved into a new, empty, unnamed namespace."""
     result: list[T] = []
@@ -443,21 +221,24 @@ async def in_throwaway_netns(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(_in_new_netns, fn)
 
 
-# --- appended for wires and policy routing ---------------------------------------------
+# --- records ----------------------------------------------------------------------------
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_VERSION = {socket.AF_INET: 4, socket.AF_INET6: 6}
-_RULE_ACTIONS = {1: "lookup", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
-_ROUTE_KINDS = {1: "unicast", 2: "local", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
-RTNH_F_ONLINK = 4
-RT_SCOPE_LINK = 253
-NUD_PERMANENT = 0x80
-IFA_F_NODAD = 0x02
 
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
 
-LinkDetails = Link  # the name the data plane uses for links read in full
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+    mtu: int
+    master: int | None = None
+    mac: str | None = None
+    peer_index: int | None = None
+    """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +254,11 @@ class Rule:
     iif: str | None = None
     src: Network | None = None
     protocol: int = field(default=0, compare=False)
+
+    def spec(self) -> nl.RuleSpec:
+        return nl.RuleSpec(
+            self.priority, self.family, self.table, self.action, self.iif, self.src, self.protocol
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -502,20 +288,117 @@ class Neighbour:
     mac: str
 
 
-def _netns_target(netns: str) -> str:
-    """A name in /run/netns or a path such as ``/proc/PID/ns/net``, as pyroute2 takes it."""
-    return netns if "/" in netns else str(netns_path(netns))
+# --- RTNL sessions ---------------------------------------------------------------------
 
 
-class ThreadedRtnl(Rtnl):
-    """An RTNL session whose socket is made on a thread inside the namespace, instead of
-    in a forked child as pyroute2 does (about 2 ms instead of 7 per session, which adds
-    up when every wire touches a workload namespace). ``netns`` may also be a path, as
-    ``/proc/PID/ns/net`` for a workload known by its process."""
+def _open_socket(netns: str | None) -> nl.NetlinkSocket:
+    if netns is None:
+        return nl.NetlinkSocket.open()
+    return _in_netns(netns, nl.NetlinkSocket.open)
+
+
+class Rtnl:
+    """An RTNL session in one namespace: a name in /run/netns, a path such as
+    ``/proc/PID/ns/net`` for a workload known by its process, or ``None`` for the
+    namespace this process runs in.
+
+    ``async with Rtnl("fedgw.cluster1") as rtnl: await rtnl.add_veth(...)``
+
+    The socket is made on a thread that enters the namespace (pyroute2 forks a child
+    for that: 7 ms instead of under one). Methods that take several objects send them
+    in one batch (see :mod:`wireguard.rtnetlink`).
+    """
 
     def __init__(self, netns: str | None = None) -> None:
-        super().__init__(netns)
+        self.netns = netns
+        self._sock: nl.NetlinkSocket | None = None
         self._indexes: dict[str, int] | None = None
+
+    @property
+    def where(self) -> str:
+        return f"netns {self.netns}" if self.netns else "this namespace"
+
+    async def __aenter__(self) -> Rtnl:
+        if self.netns is not None and not netns_exists(self.netns):
+            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist")
+        try:
+            if self.netns is None:
+                self._sock = _open_socket(None)
+            else:
+                self._sock = await asyncio.to_thread(_open_socket, self.netns)
+        except FileNotFoundError:
+            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist") from None
+        except OSError as exc:
+            raise NetlinkFailed(
+                f"netlink socket in {self.where}: {exc.strerror}", errno=exc.errno or 0
+            ) from exc
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # --- requests ---------------------------------------------------------------------
+
+    async def _exchange(self, requests: Sequence[nl.Request]) -> list[nl.Reply]:
+        if self._sock is None:
+            raise RuntimeError("Rtnl used outside 'async with'")
+        try:
+            return await self._sock.exchange(requests)
+        except OSError as exc:
+            raise NetlinkFailed(
+                f"netlink in {self.where}: {exc.strerror}", errno=exc.errno or 0
+            ) from exc
+
+    def _failed(self, request: nl.Request, reply: nl.Reply) -> NetlinkFailed:
+        reason = os.strerror(reply.error)
+        if reply.message:
+            reason += f" ({reply.message})"
+        return NetlinkFailed(f"{request.action} in {self.where}: {reason}", errno=reply.error)
+
+    async def batch(self, requests: Sequence[nl.Request]) -> list[bool]:
+        """Send ``requests`` together; for each, True if done, False if it failed with
+        an errno it ignores. The first other failure is raised, once all were answered
+        (the kernel carries on after a failed request: the caller rolls back)."""
+        if not requests:
+            return []
+        replies = await self._exchange(requests)
+        done = []
+        failure: NetlinkFailed | None = None
+        for request, reply in zip(requests, replies, strict=True):
+            done.append(reply.error == 0)
+            if reply.error and reply.error not in request.ignore and failure is None:
+                failure = self._failed(request, reply)
+        if failure is not None:
+            raise failure
+        return done
+
+    async def _one(self, request: nl.Request) -> bool:
+        return (await self.batch([request]))[0]
+
+    async def _get(self, request: nl.Request, *, missing: frozenset[int]) -> list[bytes] | None:
+        """The payloads answering a get or dump; None if it failed with an errno of
+        ``missing``. A dump that changed while it was read is read again."""
+        for _ in range(10):
+            (reply,) = await self._exchange([request])
+            if reply.error in missing:
+                return None
+            if reply.error:
+                raise self._failed(request, reply)
+            if not reply.interrupted:
+                return [payload for _, payload in reply.messages]
+        raise NetlinkFailed(f"{request.action} in {self.where}: kept changing", errno=errno.EAGAIN)
+
+    async def _dump(self, request: nl.Request) -> list[bytes]:
+        return await self._get(request, missing=frozenset()) or []
+
+    # --- links -------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def remembering_indexes(self) -> Iterator[None]:
@@ -528,61 +411,65 @@ class ThreadedRtnl(Rtnl):
         finally:
             self._indexes = None
 
+    async def link(self, ifname: str) -> Link | None:
+        """The link ``ifname``, or None if there is none."""
+        found = await self._get(nl.get_link(ifname), missing=_NO_LINK)
+        return _link(found[0]) if found else None
+
     async def find(self, ifname: str) -> int | None:
         if self._indexes is not None and ifname in self._indexes:
             return self._indexes[ifname]
-        index = await super().find(ifname)
-        if self._indexes is not None and index is not None:
-            self._indexes[ifname] = index
+        link = await self.link(ifname)
+        if link is None:
+            return None
+        if self._indexes is not None:
+            self._indexes[ifname] = link.index
+        return link.index
+
+    async def index(self, ifname: str) -> int:
+        index = await self.find(ifname)
+        if index is None:
+            raise LinkNotFound(f"interface {ifname} does not exist in {self.where}")
         return index
 
-    async def delete_link(self, ifname: str, *, missing_ok: bool = True) -> bool:
-        if self._indexes is not None:
-            self._indexes.pop(ifname, None)
-        return await super().delete_link(ifname, missing_ok=missing_ok)
+    async def links(self) -> list[Link]:
+        return [_link(payload) for payload in await self._dump(nl.dump_links())]
 
-    async def __aenter__(self) -> ThreadedRtnl:
-        if self.netns is None:
-            await super().__aenter__()
-            return self
-        if not netns_exists(self.netns):
-            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist")
+    async def _names(self) -> dict[int, str]:
+        return {link.index: link.name for link in await self.links()}
 
-        def make() -> socket.socket:
-            return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE)
+    async def link_details(self, ifname: str | None = None) -> list[Link]:
+        """Every link, or the one named ``ifname`` (if it exists)."""
+        if ifname is None:
+            return await self.links()
+        link = await self.link(ifname)
+        return [link] if link is not None else []
 
-        try:
-            sock = await in_netns(self.netns, make)
-        except FileNotFoundError:
-            raise NamespaceNotFound(f"network namespace {self.netns!r} does not exist") from None
-        except OSError as exc:
-            raise NetlinkFailed(
-                f"netlink socket in {self.where}: {exc.strerror}", errno=exc.errno or 0
-            ) from exc
-        try:
-            self._ipr = AsyncIPRoute(fileno=sock.detach())
-            await self._ipr.setup_endpoint()
-        except BaseException:
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
-            raise
-        return self
+    async def _add_link(self, request: nl.Request, ifname: str, exist_ok: bool) -> bool:
+        check_ifname(ifname)
+        if exist_ok and await self.find(ifname) is not None:
+            return False
+        await self._one(request)
+        return True
 
-    # links
+    async def add_bridge(self, ifname: str, *, exist_ok: bool = True) -> bool:
+        return await self._add_link(nl.new_link(ifname, "bridge"), ifname, exist_ok)
 
-    async def link_details(self, ifname: str | None = None) -> list[LinkDetails]:
-        """Every link (or the one named ``ifname``, if it exists) with MAC and peer index."""
-        spec: dict[str, Any] = {} if ifname is None else {"ifname": ifname}
-        try:
-            answer = await self.ipr.link("dump" if ifname is None else "get", **spec)
-            # "get" answers a list, "dump" an async iterator.
-            msgs = list(answer) if isinstance(answer, list) else [m async for m in answer]
-        except NetlinkError as exc:
-            if exc.code == errno.ENODEV:
-                return []
-            raise self._failed(f"read link {ifname or ''}", exc) from exc
-        return [_link(msg) for msg in msgs]
+    async def add_wireguard(self, ifname: str, *, exist_ok: bool = True) -> bool:
+        """A kernel WireGuard link; :class:`NetlinkFailed` with EOPNOTSUPP where the
+        kernel has no WireGuard. False if ``ifname`` existed already."""
+        return await self._add_link(nl.new_link(ifname, "wireguard"), ifname, exist_ok)
+
+    async def add_veth(
+        self, ifname: str, peer: str, peer_netns: str | None = None, *, exist_ok: bool = True
+    ) -> bool:
+        """A veth pair: ``ifname`` here, ``peer`` in ``peer_netns`` (here if None).
+        Created directly in place, so neither end ever appears anywhere else."""
+        check_ifname(ifname)
+        if exist_ok and await self.find(ifname) is not None:
+            return False
+        await self.add_veth_pair(ifname, peer, peer_netns=peer_netns)
+        return True
 
     async def add_veth_pair(
         self,
@@ -601,232 +488,261 @@ class ThreadedRtnl(Rtnl):
         :class:`NetlinkFailed` with EEXIST if either name is taken."""
         check_ifname(ifname)
         check_ifname(peer)
-        peer_spec: dict[str, Any] = {"ifname": peer}
-        spec: dict[str, Any] = {"ifname": ifname, "kind": "veth"}
+        fd = None
         if peer_netns is not None:
-            if not netns_exists(peer_netns):
-                raise NamespaceNotFound(f"network namespace {peer_netns!r} does not exist")
-            peer_spec["net_ns_fd"] = _netns_target(peer_netns)
-        if mac is not None:
-            spec["address"] = mac
-        if peer_mac is not None:
-            peer_spec["address"] = peer_mac
-        if mtu is not None:
-            spec["mtu"] = mtu
-            peer_spec["mtu"] = mtu
-        if up:
-            spec["state"] = "up"
-        await self._call(
-            f"add veth {ifname} (peer {peer})", self.ipr.link("add", peer=peer_spec, **spec)
-        )
+            try:
+                fd = os.open(netns_path(peer_netns), os.O_RDONLY)
+            except FileNotFoundError:
+                raise NamespaceNotFound(
+                    f"network namespace {peer_netns!r} does not exist"
+                ) from None
+        try:
+            await self._one(
+                nl.new_veth(
+                    ifname, peer, peer_netns_fd=fd, mac=mac, peer_mac=peer_mac, mtu=mtu, up=up
+                )
+            )
+        finally:
+            if fd is not None:
+                os.close(fd)
 
-    # addresses
+    async def set_link(
+        self,
+        ifname: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        master: str | None = None,
+    ) -> None:
+        index = await self.index(ifname)
+        master_index = await self.index(master) if master is not None else None
+        if up is not None or mtu is not None or master is not None:
+            await self._one(nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index))
+
+    async def delete_link(self, ifname: str, *, missing_ok: bool = True) -> bool:
+        index = await self.find(ifname)
+        if self._indexes is not None:
+            self._indexes.pop(ifname, None)
+        if index is None:
+            if missing_ok:
+                return False
+            raise LinkNotFound(f"interface {ifname} does not exist in {self.where}")
+        request = nl.delete_link(index, ifname)
+        return await self._one(replace(request, ignore=_NO_LINK))
+
+    # --- addresses -------------------------------------------------------------------
+
+    async def add_address(self, ifname: str, address: Interface | str) -> bool:
+        """Add ``address`` (CIDR) to ``ifname``; False if it was there already."""
+        return await self._address(ifname, address, nodad=False)
 
     async def add_address_nodad(self, ifname: str, address: Interface | str) -> bool:
         """Like :meth:`add_address`, but an IPv6 address is usable at once (no duplicate
         address detection: a point-to-point link has no one to collide with)."""
+        return await self._address(ifname, address, nodad=True)
+
+    async def _address(self, ifname: str, address: Interface | str, *, nodad: bool) -> bool:
         iface = ipaddress.ip_interface(address)
-        index = await self.index(ifname)
-        done = await self._call(
-            f"add address {iface} to {ifname}",
-            self.ipr.addr(
-                "add",
-                index=index,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-                flags=IFA_F_NODAD if iface.version == 6 else 0,
-            ),
-            ignore=frozenset({errno.EEXIST}),
-        )
-        return done is not None
+        request = nl.add_address(await self.index(ifname), ifname, iface, nodad=nodad)
+        return await self._one(replace(request, ignore=_EXISTS))
 
     async def delete_address(self, ifname: str, address: Interface | str) -> bool:
         """False if ``ifname`` did not have ``address``."""
         iface = ipaddress.ip_interface(address)
-        index = await self.index(ifname)
-        done = await self._call(
-            f"delete address {iface} from {ifname}",
-            self.ipr.addr(
-                "del", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-            ),
-            ignore=frozenset({errno.EADDRNOTAVAIL, errno.ENOENT}),
-        )
-        return done is not None
+        request = nl.delete_address(await self.index(ifname), ifname, iface)
+        return await self._one(replace(request, ignore=_NO_ADDRESS))
 
-    # rules
-
-    def _rule_spec(self, rule: Rule) -> dict[str, Any]:
-        spec: dict[str, Any] = {"family": _AF[rule.family], "priority": rule.priority}
-        if rule.action == "lookup":
-            spec["table"] = rule.table
-        else:
-            spec["action"] = rule.action
-        if rule.iif is not None:
-            spec["iifname"] = rule.iif
-        if rule.src is not None:
-            spec["src"] = str(rule.src.network_address)
-            spec["src_len"] = rule.src.prefixlen
-        if rule.protocol:
-            spec["protocol"] = rule.protocol
-        return spec
-
-    async def add_rule(self, rule: Rule) -> bool:
-        """False if an equal rule existed already."""
-        done = await self._call(
-            f"add rule {rule}",
-            self.ipr.rule("add", **self._rule_spec(rule)),
-            ignore=frozenset({errno.EEXIST}),
-        )
-        return done is not None
-
-    async def delete_rule(self, rule: Rule) -> bool:
-        """False if there was no such rule."""
-        done = await self._call(
-            f"delete rule {rule}",
-            self.ipr.rule("del", **self._rule_spec(rule)),
-            ignore=frozenset({errno.ENOENT}),
-        )
-        return done is not None
-
-    async def rules(self, family: int | None = None) -> list[Rule]:
-        """The rules of both families (or of ``family``)."""
-        out = []
-        async for msg in await self.ipr.rule("dump"):
-            version = _VERSION.get(msg["family"])
-            if version is None or (family is not None and version != family):
+    async def addresses(self, ifname: str | None = None) -> list[tuple[str, Interface]]:
+        names = await self._names()
+        out: list[tuple[str, Interface]] = []
+        for payload in await self._dump(nl.dump_addresses()):
+            parsed = nl.parse_address(payload)
+            if parsed is None:
                 continue
-            src = msg.get("FRA_SRC")
-            out.append(
-                Rule(
-                    priority=msg.get("FRA_PRIORITY") or 0,
-                    family=version,
-                    table=msg.get("FRA_TABLE") or msg["table"],
-                    action=_RULE_ACTIONS.get(msg["action"], str(msg["action"])),
-                    iif=msg.get("FRA_IIFNAME"),
-                    src=ipaddress.ip_network(f"{src}/{msg['src_len']}") if src else None,
-                    protocol=msg.get("FRA_PROTOCOL") or 0,
-                )
-            )
+            name = names.get(parsed[0], "?")
+            if ifname is None or name == ifname:
+                out.append((name, parsed[1]))
         return out
 
-    # routes
+    # --- routes ------------------------------------------------------------------------
 
-    async def _route_spec(self, route: Route) -> dict[str, Any]:
-        spec: dict[str, Any] = {
-            "dst": str(route.dst),
-            "family": _AF[route.family],
-            "table": route.table,
-        }
-        if route.kind != "unicast":
-            spec["type"] = route.kind
-        if route.dev is not None:
-            spec["oif"] = await self.index(route.dev)
-        if route.via is not None:
-            spec["gateway"] = str(route.via)
-            spec["flags"] = RTNH_F_ONLINK
-        elif route.dev is not None:
-            spec["scope"] = RT_SCOPE_LINK
-        if route.protocol:
-            spec["proto"] = route.protocol
-        return spec
+    async def add_route(
+        self,
+        dst: Network | str,
+        *,
+        via: str | None = None,
+        dev: str | None = None,
+        table: int | None = None,
+    ) -> None:
+        """Add or replace the route to ``dst`` ("default" for 0/0)."""
+        if dst == "default":
+            dst = "::/0" if via is not None and ":" in via else "0.0.0.0/0"
+        await self.replace_route(
+            Route(
+                dst=ipaddress.ip_network(dst),
+                table=254 if table is None else table,
+                dev=dev,
+                via=ipaddress.ip_address(via) if via is not None else None,
+            )
+        )
+
+    async def _route_spec(self, route: Route) -> nl.RouteSpec:
+        return nl.RouteSpec(
+            dst=route.dst,
+            table=route.table,
+            oif=await self.index(route.dev) if route.dev is not None else None,
+            via=route.via,
+            kind=route.kind,
+            protocol=route.protocol,
+        )
 
     async def replace_route(self, route: Route) -> None:
         """Add ``route`` or replace the route to its destination in its table."""
-        await self._call(
-            f"route {route.dst} in table {route.table}",
-            self.ipr.route("replace", **await self._route_spec(route)),
-        )
+        await self.replace_routes([route])
+
+    async def replace_routes(self, routes: Iterable[Route]) -> None:
+        await self.batch([nl.replace_route(await self._route_spec(r)) for r in routes])
 
     async def delete_route(self, route: Route) -> bool:
         """False if there was no such route (or its device is gone, taking it along)."""
-        try:
-            spec = await self._route_spec(route)
-        except LinkNotFound:
-            return False
-        done = await self._call(
-            f"delete route {route.dst} from table {route.table}",
-            self.ipr.route("del", **spec),
-            ignore=frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV}),
-        )
-        return done is not None
+        return bool((await self.delete_routes([route]))[0])
+
+    async def delete_routes(self, routes: Iterable[Route]) -> list[bool]:
+        """For each route, False if there was none (or its device is gone, taking it)."""
+        requests: list[nl.Request | None] = []
+        for route in routes:
+            try:
+                spec = await self._route_spec(route)
+            except LinkNotFound:
+                requests.append(None)
+                continue
+            requests.append(replace(nl.delete_route(spec), ignore=_NO_ROUTE))
+        done = iter(await self.batch([r for r in requests if r is not None]))
+        return [r is not None and next(done) for r in requests]
 
     async def routes(self, tables: range | None = None) -> list[Route]:
         """The routes of both families whose table is in ``tables`` (all if None)."""
-        names = {link.index: link.name for link in await self.links()}
+        names = await self._names()
         out = []
-        async for msg in await self.ipr.route("dump"):
-            version = _VERSION.get(msg["family"])
-            table = msg.get("RTA_TABLE") or msg["table"]
-            if version is None or (tables is not None and table not in tables):
+        for payload in await self._dump(nl.dump_routes()):
+            spec = nl.parse_route(payload)
+            if spec is None or (tables is not None and spec.table not in tables):
                 continue
-            kind = _ROUTE_KINDS.get(msg["type"], str(msg["type"]))
-            dst = msg.get("RTA_DST") or ("0.0.0.0" if version == 4 else "::")
-            gateway = msg.get("RTA_GATEWAY")
-            oif = msg.get("RTA_OIF")
+            unicast = spec.kind == "unicast"
             out.append(
                 Route(
-                    dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
-                    table=table,
-                    dev=names.get(oif) if oif is not None and kind == "unicast" else None,
-                    via=ipaddress.ip_address(gateway) if gateway else None,
-                    kind=kind,
-                    protocol=msg["proto"],
+                    dst=spec.dst,
+                    table=spec.table,
+                    dev=names.get(spec.oif) if spec.oif is not None and unicast else None,
+                    via=spec.via,
+                    kind=spec.kind,
+                    protocol=spec.protocol,
                 )
             )
         return out
 
     async def route_mtu(self, dst: Address | str) -> int | None:
         """The MTU of the interface the route to ``dst`` leaves by; None without a route."""
-        try:
-            # "get" answers a list, where "dump" answers an async iterator.
-            msgs = list(await self.ipr.route("get", dst=str(dst)))
-        except NetlinkError as exc:
-            if exc.code in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH):
-                return None
-            raise self._failed(f"route to {dst}", exc) from exc
-        oif = msgs[0].get("RTA_OIF") if msgs else None
-        if oif is None:
+        found = await self._get(nl.get_route(ipaddress.ip_address(dst)), missing=_NO_PATH)
+        spec = nl.parse_route(found[0]) if found else None
+        if spec is None or spec.oif is None:
             return None
-        links = {link.index: link for link in await self.links()}
-        link = links.get(oif)
-        return link.mtu if link is not None else None
+        link = await self._get(nl.get_link_by_index(spec.oif), missing=_NO_LINK)
+        return _link(link[0]).mtu if link else None
 
-    # neighbours
+    # --- rules -------------------------------------------------------------------------
+
+    async def add_rule(self, rule: Rule) -> bool:
+        """False if an equal rule existed already."""
+        return (await self.add_rules([rule]))[0]
+
+    async def add_rules(self, rules: Iterable[Rule]) -> list[bool]:
+        return await self.batch(
+            [replace(nl.add_rule(r.spec(), str(r)), ignore=_EXISTS) for r in rules]
+        )
+
+    async def delete_rule(self, rule: Rule) -> bool:
+        """False if there was no such rule."""
+        return (await self.delete_rules([rule]))[0]
+
+    async def delete_rules(self, rules: Iterable[Rule]) -> list[bool]:
+        return await self.batch(
+            [replace(nl.delete_rule(r.spec(), str(r)), ignore=_NO_ENTRY) for r in rules]
+        )
+
+    async def rules(self, family: int | None = None) -> list[Rule]:
+        """The rules of both families (or of ``family``)."""
+        out = []
+        for payload in await self._dump(nl.dump_rules()):
+            spec = nl.parse_rule(payload)
+            if spec is None or (family is not None and spec.family != family):
+                continue
+            out.append(
+                Rule(
+                    spec.priority,
+                    spec.family,
+                    spec.table,
+                    spec.action,
+                    spec.iif,
+                    spec.src,
+                    spec.protocol,
+                )
+            )
+        return out
+
+    # --- neighbours --------------------------------------------------------------------
 
     async def set_neighbour(self, neighbour: Neighbour) -> None:
         """Add or replace a permanent neighbour entry."""
-        index = await self.index(neighbour.dev)
-        await self._call(
-            f"neighbour {neighbour.address} on {neighbour.dev}",
-            self.ipr.neigh(
-                "replace",
-                ifindex=index,
-                dst=str(neighbour.address),
-                lladdr=neighbour.mac,
-                state=NUD_PERMANENT,
-            ),
+        await self.set_neighbours([neighbour])
+
+    async def set_neighbours(self, neighbours: Iterable[Neighbour]) -> None:
+        await self.batch(
+            [nl.set_neighbour(await self.index(n.dev), n.dev, n.address, n.mac) for n in neighbours]
         )
 
     async def delete_neighbour(self, neighbour: Neighbour) -> bool:
         index = await self.find(neighbour.dev)
         if index is None:
             return False
-        done = await self._call(
-            f"delete neighbour {neighbour.address} on {neighbour.dev}",
-            self.ipr.neigh("del", ifindex=index, dst=str(neighbour.address)),
-            ignore=frozenset({errno.ENOENT, errno.ENODEV}),
-        )
-        return done is not None
+        request = nl.delete_neighbour(index, neighbour.dev, neighbour.address)
+        return await self._one(replace(request, ignore=_NO_NEIGHBOUR))
 
     async def neighbours(self, ifname: str | None = None) -> list[Neighbour]:
         """Permanent neighbour entries (of ``ifname``, or of every link)."""
-        names = {link.index: link.name for link in await self.links()}
+        names = await self._names()
         out = []
-        async for msg in await self.ipr.neigh("dump"):
-            name = names.get(msg["ifindex"])
-            mac = msg.get("NDA_LLADDR")
-            if not msg["state"] & NUD_PERMANENT or name is None or mac is None:
+        for payload in await self._dump(nl.dump_neighbours()):
+            parsed = nl.parse_neighbour(payload)
+            if parsed is None:
+                continue
+            index, address, mac, state = parsed
+            name = names.get(index)
+            if not state & nl.NUD_PERMANENT or name is None or mac is None:
                 continue
             if ifname is None or name == ifname:
-                out.append(Neighbour(name, ipaddress.ip_address(msg.get("NDA_DST")), mac))
+                out.append(Neighbour(name, address, mac))
         return out
+
+
+_EXISTS = frozenset({errno.EEXIST})
+_NO_LINK = frozenset({errno.ENODEV})
+_NO_ENTRY = frozenset({errno.ENOENT})
+_NO_ADDRESS = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV})
+_NO_ROUTE = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV})
+_NO_NEIGHBOUR = frozenset({errno.ENOENT, errno.ENODEV})
+_NO_PATH = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH})
+
+
+def _link(payload: bytes) -> Link:
+    msg = nl.parse_link(payload)
+    return Link(
+        index=msg.index,
+        name=msg.name,
+        kind=msg.kind,
+        up=msg.up,
+        mtu=msg.mtu,
+        master=msg.master,
+        mac=msg.mac,
+        peer_index=msg.link,
+    )

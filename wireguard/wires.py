@@ -17,11 +17,11 @@ from wireguard.netns import (
     IFNAMSIZ,
     Address,
     Interface,
-    LinkDetails,
+    Link,
     Neighbour,
     Network,
     Route,
-    ThreadedRtnl,
+    Rtnl,
     netns_exists,
 )
 
@@ -237,7 +237,7 @@ class WorkloadEnd:
         return Route(dst, dev=self.name, via=self.next_hop, protocol=protocol)
 
 
-async def configure_workload_end(rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: int) -> None:
+async def configure_workload_end(rtnl: Rtnl, end: WorkloadEnd, protocol: int) -> None:
     """Give a new workload end (made with its MTU) its address, neighbour and routes,
     and bring it up."""
     with rtnl.remembering_indexes():
@@ -248,11 +248,11 @@ async def configure_workload_end(rtnl: ThreadedRtnl, end: WorkloadEnd, protocol:
             await rtnl.replace_route(end.route(dst, protocol))
 
 
-async def _set_neighbour(rtnl: ThreadedRtnl, end: WorkloadEnd) -> None:
+async def _set_neighbour(rtnl: Rtnl, end: WorkloadEnd) -> None:
     await rtnl.set_neighbour(Neighbour(end.name, end.next_hop, end.gateway_mac))
 
 
-def is_our_end(link: LinkDetails | None, end: WorkloadEnd, gateway_index: int) -> bool:
+def is_our_end(link: Link | None, end: WorkloadEnd, gateway_index: int) -> bool:
     """Whether ``link`` is the other end of the gateway's veth ``gateway_index``: a veth
     with the MAC fedgw gave it, pointing back at that index."""
     return (
@@ -268,13 +268,13 @@ class NamespaceSnapshot:
     """A workload namespace as one set of dumps: reconciling many wires of one namespace
     (an endpoint serves hundreds) reads it once, not once per wire."""
 
-    links: dict[str, LinkDetails]
+    links: dict[str, Link]
     addresses: dict[str, set[Interface]]
     neighbours: dict[str, list[Neighbour]]
     main_routes: list[Route]
 
     @classmethod
-    async def take(cls, rtnl: ThreadedRtnl) -> NamespaceSnapshot:
+    async def take(cls, rtnl: Rtnl) -> NamespaceSnapshot:
         addresses: dict[str, set[Interface]] = {}
         for name, iface in await rtnl.addresses():
             addresses.setdefault(name, set()).add(iface)
@@ -290,7 +290,7 @@ class NamespaceSnapshot:
 
 
 async def repair_workload_end(
-    rtnl: ThreadedRtnl, end: WorkloadEnd, protocol: int, snapshot: NamespaceSnapshot | None = None
+    rtnl: Rtnl, end: WorkloadEnd, protocol: int, snapshot: NamespaceSnapshot | None = None
 ) -> list[str]:
     """Bring an existing workload end back to ``end``; what had to change. Reads come
     from ``snapshot`` when given (taken in this reconciliation), else from the kernel.

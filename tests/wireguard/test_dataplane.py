@@ -40,7 +40,6 @@ from wireguard.netns import (
     Route,
     Rtnl,
     Rule,
-    ThreadedRtnl,
     create_netns,
     delete_netns,
     in_netns,
@@ -659,7 +658,7 @@ async def test_a_local_connection_needs_no_tunnel(dlab: DataplaneLab) -> None:
     assert first.tables == second.tables  # one table for the connection
     assert await a.dataplane.detach("local-1")
     assert (await a.dataplane.state()).wires == []
-    async with ThreadedRtnl(a.netns) as rtnl:
+    async with Rtnl(a.netns) as rtnl:
         assert [r for r in await rtnl.rules() if r.priority in range(20000, 20003)] == []
         assert await rtnl.routes(range(100_000, 200_000)) == []
 
@@ -717,7 +716,7 @@ async def test_removing_a_peer_removes_its_wires(dlab: DataplaneLab) -> None:
 async def owned(gw: Gateway) -> dict[str, list[str]]:
     """Everything fedgw owns in a gateway namespace, as text."""
     settings = gw.dataplane.settings
-    async with ThreadedRtnl(gw.netns) as rtnl:
+    async with Rtnl(gw.netns) as rtnl:
         links = sorted(
             link.name for link in await rtnl.links() if link.name.startswith(settings.prefix)
         )
@@ -761,7 +760,7 @@ async def test_the_reconciler_builds_repairs_and_removes(dlab: DataplaneLab) -> 
     driver = dlab.userspace()
     stale_tunnel = f"{prefix}w{'z' * (14 - len(prefix))}"
     stranger = await dlab.workload("x")
-    async with ThreadedRtnl(p.a.netns) as rtnl:
+    async with Rtnl(p.a.netns) as rtnl:
         [rule] = [r for r in await rtnl.rules() if r.iif == veth1 and r.src is not None]
         await rtnl.delete_rule(rule)
         [route] = [r for r in await rtnl.routes(settings.tables) if r.dst == OFFERED]
@@ -774,7 +773,7 @@ async def test_the_reconciler_builds_repairs_and_removes(dlab: DataplaneLab) -> 
         await rtnl.replace_route(
             Route(ipaddress.ip_network("10.99.0.0/16"), table + 1, kind="unreachable")
         )
-    async with ThreadedRtnl(p.client) as rtnl:
+    async with Rtnl(p.client) as rtnl:
         await rtnl.delete_address("nsm0", one[0].address)
         await rtnl.set_link("nsm0", mtu=1300)
 
