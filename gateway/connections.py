@@ -53,6 +53,7 @@ from fedgw.models import (
 )
 from fedgw.names import LabelKey, LabelValue, Reference, ReferenceField
 from fedgw.store import Collection, Store
+from gateway.connection_table import ConnectionRecord, ConnectionTable, WorkloadKey, workload_key
 from gateway.events import Event, EventBus, EventType
 from gateway.registry import Registry
 from gateway.workloads import WorkloadProbe
@@ -66,7 +67,6 @@ from wireguard.wires import ClientWire, EndpointWire, PeerTunnel
 
 log = logging.getLogger(__name__)
 
-Role = Literal["client", "server", "local"]
 MAX_BACKOFF = 30.0
 
 
@@ -84,18 +84,6 @@ class ConnectionRequest(BaseModel):
     interface: str | None = Field(
         None, max_length=15, pattern=r"^[a-zA-Z0-9_.-]+$", description="default: nsm0, nsm1..."
     )
-
-
-class ConnectionRecord(BaseModel):
-    """A connection as this gateway stores it."""
-
-    connection: Connection
-    role: Role
-    peer: str | None = Field(description="the other domain (None for a local connection)")
-    selector: dict[str, str] = Field(default_factory=dict)
-    exclude: list[Network] = Field(default_factory=list)
-    endpoint_interface: str | None = None
-    pool: Network | None = None
 
 
 class TunnelRecord(BaseModel):
@@ -164,7 +152,7 @@ class ConnectionManager:
         self._handshake_timeout = handshake_timeout
         self._exclude = exclude
         self.ipam = Ipam(store)
-        self._connections: dict[str, ConnectionRecord] = {}
+        self._connections = ConnectionTable()
         self._tunnels: dict[str, TunnelRecord] = {}
         # A lock per connection, alive while someone holds or awaits it.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -191,7 +179,7 @@ class ConnectionManager:
                 record = record.model_copy(
                     update={"connection": c.model_copy(update={"expires_at": grace})}
                 )
-            self._connections[record.connection.id] = record
+            self._connections.put(record)
         for tunnel in await self._tunnel_records.all():
             self._tunnels[tunnel.domain] = tunnel
         if self._make_dataplane is not None and (self._connections or self._tunnels):
@@ -431,25 +419,12 @@ class ConnectionManager:
         if self._dataplane is not None:
             await self._dataplane.detach(connection_id)
 
-    def _free_interface(self, workload: Workload, *, skip: str | None = None) -> str:
-        """The first ``nsmN`` no connection of ours uses in that workload."""
-        used = set()
-        for record in self._connections.values():
-            c = record.connection
-            if c.id == skip:
-                continue
-            if c.client.workload == workload and c.client.interface:
-                used.add(c.client.interface)
-            if c.server.workload == workload and record.endpoint_interface:
-                used.add(record.endpoint_interface)
-        return next(f"nsm{i}" for i in range(10_000) if f"nsm{i}" not in used)
-
     # --- records and events ------------------------------------------------------------------
 
     async def _save(self, record: ConnectionRecord, event: EventType | None = None) -> None:
         # In memory first, before the store is awaited: a concurrent request must see the
         # interface names this one has taken.
-        self._connections[record.connection.id] = record
+        self._connections.put(record)
         await self._records.put(record.connection.id, record)
         if event is not None:
             self._publish(event, record.connection)
@@ -489,7 +464,7 @@ class ConnectionManager:
         await self._ensure_dataplane()  # first: a clear error if there is none
         workload = await asyncio.to_thread(self._probe.identify, request.workload)
         reference = request.service.local_to(self.domain)
-        interface = request.interface or self._free_interface(workload)
+        interface = request.interface or self._connections.free_interface(workload)
         now = to_datetime(self._clock.now())
         connection = Connection(
             id=new_connection_id(),
@@ -625,7 +600,7 @@ class ConnectionManager:
         if c.state.can_become(ConnectionState.CLOSED):
             closed = c.moved_to(ConnectionState.CLOSED, reason, to_datetime(self._clock.now()))
         await self._records.delete(c.id)
-        self._connections.pop(c.id, None)
+        self._connections.pop(c.id)
         for table in (self._retry_at, self._backoff, self._refresh_at):
             table.pop(c.id, None)
         self._publish(EventType.DELETED, closed)
@@ -639,15 +614,11 @@ class ConnectionManager:
     ) -> list[Endpoint]:
         """Endpoints that can serve: matching labels, with a pool and a workload to wire;
         the preferred one first, then those with the fewest connections."""
-        load = Counter(
-            r.connection.server.endpoint
-            for r in self._connections.values()
-            if r.role in ("server", "local")
-        )
         usable = [
             ep for ep in self._registry.endpoints(service, selector) if ep.pool and ep.workload
         ]
-        return sorted(usable, key=lambda ep: (ep.name != prefer, load[ep.name], ep.name))
+        load = self._connections.load
+        return sorted(usable, key=lambda ep: (ep.name != prefer, load(ep.name), ep.name))
 
     async def _allocate(
         self,
@@ -701,14 +672,15 @@ class ConnectionManager:
                 "routes": endpoint.routes,
             }
         )
+        interface = self._connections.free_interface(endpoint.workload, skip=c.id)
         record = record.model_copy(
             update={
                 "connection": updated,
-                "endpoint_interface": self._free_interface(endpoint.workload, skip=c.id),
+                "endpoint_interface": interface,
                 "pool": endpoint.pool,
             }
         )
-        self._connections[c.id] = record  # takes the endpoint interface name at once
+        self._connections.put(record)  # takes the endpoint interface name at once
         await self._unwire(c.id)
         await self._wire(record)
         return await self._move(record, ConnectionState.UP, f"wired to {endpoint.name}")
@@ -756,7 +728,7 @@ class ConnectionManager:
                 peer=caller,
                 selector=dict(offer.selector),
                 exclude=list(offer.exclude),
-                endpoint_interface=self._free_interface(endpoint.workload),
+                endpoint_interface=self._connections.free_interface(endpoint.workload),
                 pool=endpoint.pool,
             )
             await self._save(record, EventType.ADDED)
@@ -877,9 +849,22 @@ class ConnectionManager:
         }
 
         def probe() -> set[str]:
-            return {cid for cid, w in clients.items() if not self._probe.alive(w)}
+            # Many connections share a workload: each one is looked at once.
+            alive: dict[WorkloadKey, bool] = {}
+            for w in clients.values():
+                key = workload_key(w)
+                if key not in alive:
+                    alive[key] = self._probe.alive(w)
+            return {cid for cid, w in clients.items() if not alive[workload_key(w)]}
 
         gone = await asyncio.to_thread(probe) if clients else set()
+        # Only connections with something to do get a task: at thousands of connections,
+        # a task and a lock each, twice a second, would cost more than the work.
+        due = [
+            r.connection.id
+            for r in self._connections.values()
+            if r.connection.id in gone or self._step(r, now, silent) is not None
+        ]
         # Each connection on its own, a few at a time: a peer that does not answer
         # delays only its own connections, not the refreshes of the others.
         limit = asyncio.Semaphore(16)
@@ -901,7 +886,7 @@ class ConnectionManager:
                 except Exception:
                     log.exception("supervising connection %s failed; next tick retries", cid)
 
-        await asyncio.gather(*(one(cid) for cid in list(self._connections)))
+        await asyncio.gather(*(one(cid) for cid in due))
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but
@@ -926,44 +911,65 @@ class ConnectionManager:
         self._counters = counters
         return silent
 
-    async def _check(self, record: ConnectionRecord, now: float, silent: set[str]) -> None:
+    def _step(
+        self, record: ConnectionRecord, now: float, silent: set[str]
+    ) -> tuple[Literal["close", "heal", "refresh"], str] | None:
+        """What supervision has to do with a connection now, and why; None: nothing."""
         c = record.connection
+        endpoint_gone = c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint)
         if record.role == "server":
             if c.expires_at.timestamp() <= now:
-                await self._close(record, "lease expired", tell_peer=True)
-            elif c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint):
-                await self._close(record, f"endpoint {c.server.endpoint} is gone", tell_peer=True)
-            return
+                return "close", "lease expired"
+            if endpoint_gone:
+                return "close", f"endpoint {c.server.endpoint} is gone"
+            return None
         if record.role == "local":
-            if c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint):
-                await self._heal(record, f"endpoint {c.server.endpoint} is gone")
-            elif c.state is not ConnectionState.UP:
-                await self._heal(record, c.reason or "down")
-            return
+            if endpoint_gone:
+                return "heal", f"endpoint {c.server.endpoint} is gone"
+            if c.state is not ConnectionState.UP:
+                return "heal", c.reason or "down"
+            return None
         # client
         if c.state is ConnectionState.UP:
             if record.peer in silent:
-                await self._heal(record, f"the tunnel to {record.peer} has been silent too long")
-            elif self._refresh_at.get(c.id, 0.0) <= now:
-                try:
-                    await self._refresh(record)
-                except NotFound:
-                    await self._heal(
-                        record,
-                        f"{record.peer} no longer has the connection (endpoint gone or lease lost)",
-                    )
-                except PeerUnreachable as exc:
-                    # The data plane does not need the peer's API: while the lease holds,
-                    # the connection stays up and the refresh is tried again soon.
-                    if c.expires_at.timestamp() - now > 2 * self._refresh_retry:
-                        log.info("lease refresh of %s failed, retrying: %s", c.id, exc)
-                        self._refresh_at[c.id] = now + self._refresh_retry
-                    else:
-                        await self._heal(record, f"lease refresh failed: {exc}")
-                except FedgwError as exc:
-                    await self._heal(record, f"lease refresh failed: {exc}")
-        elif self._retry_at.get(c.id, 0.0) <= now:
-            await self._heal(record, c.reason or "down")
+                return "heal", f"the tunnel to {record.peer} has been silent too long"
+            if self._refresh_at.get(c.id, 0.0) <= now:
+                return "refresh", "lease due"
+            return None
+        if self._retry_at.get(c.id, 0.0) <= now:
+            return "heal", c.reason or "down"
+        return None
+
+    async def _check(self, record: ConnectionRecord, now: float, silent: set[str]) -> None:
+        step = self._step(record, now, silent)
+        if step is None:
+            return
+        action, reason = step
+        if action == "close":
+            await self._close(record, reason, tell_peer=True)
+        elif action == "heal":
+            await self._heal(record, reason)
+        else:
+            await self._refresh_or_heal(record, now)
+
+    async def _refresh_or_heal(self, record: ConnectionRecord, now: float) -> None:
+        c = record.connection
+        try:
+            await self._refresh(record)
+        except NotFound:
+            await self._heal(
+                record, f"{record.peer} no longer has the connection (endpoint gone or lease lost)"
+            )
+        except PeerUnreachable as exc:
+            # The data plane does not need the peer's API: while the lease holds, the
+            # connection stays up and the refresh is tried again soon.
+            if c.expires_at.timestamp() - now > 2 * self._refresh_retry:
+                log.info("lease refresh of %s failed, retrying: %s", c.id, exc)
+                self._refresh_at[c.id] = now + self._refresh_retry
+            else:
+                await self._heal(record, f"lease refresh failed: {exc}")
+        except FedgwError as exc:
+            await self._heal(record, f"lease refresh failed: {exc}")
 
     def _endpoint_gone(self, name: str) -> bool:
         try:

@@ -1,0 +1,115 @@
+"""The connection records of a gateway, by id, with the indexes that every new
+connection consults: the interface names taken in each workload, and how many
+connections each endpoint serves. Scanning every record for those made a connection's
+cost grow with the number of connections there are."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from fedgw.errors import Exhausted
+from fedgw.models import Connection, Network, Workload
+
+Role = Literal["client", "server", "local"]
+WorkloadKey = tuple[str | None, int | None, int | None]
+INTERFACE_PREFIX = "nsm"
+MAX_INTERFACES = 10_000
+
+
+class ConnectionRecord(BaseModel):
+    """A connection as this gateway stores it."""
+
+    connection: Connection
+    role: Role
+    peer: str | None = Field(description="the other domain (None for a local connection)")
+    selector: dict[str, str] = Field(default_factory=dict)
+    exclude: list[Network] = Field(default_factory=list)
+    endpoint_interface: str | None = None
+    pool: Network | None = None
+
+
+def workload_key(workload: Workload) -> WorkloadKey:
+    # A tuple, not the model: comparing pydantic models field by field is what made
+    # the scan slow.
+    return (workload.netns, workload.pid, workload.pid_start_ticks)
+
+
+def _interfaces(record: ConnectionRecord) -> list[tuple[WorkloadKey, str]]:
+    """The (workload, interface name) pairs a record takes: its client's and its
+    endpoint's."""
+    c = record.connection
+    taken = []
+    if c.client.workload is not None and c.client.interface:
+        taken.append((workload_key(c.client.workload), c.client.interface))
+    if c.server.workload is not None and record.endpoint_interface:
+        taken.append((workload_key(c.server.workload), record.endpoint_interface))
+    return taken
+
+
+def _served_by(record: ConnectionRecord) -> str | None:
+    if record.role in ("server", "local"):
+        return record.connection.server.endpoint
+    return None
+
+
+class ConnectionTable:
+    def __init__(self) -> None:
+        self._records: dict[str, ConnectionRecord] = {}
+        self._names: dict[WorkloadKey, Counter[str]] = {}
+        self._load: Counter[str | None] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._records)
+
+    def __bool__(self) -> bool:
+        return bool(self._records)
+
+    def get(self, connection_id: str) -> ConnectionRecord | None:
+        return self._records.get(connection_id)
+
+    def values(self) -> list[ConnectionRecord]:
+        return list(self._records.values())
+
+    def put(self, record: ConnectionRecord) -> None:
+        self.pop(record.connection.id)
+        self._records[record.connection.id] = record
+        for key, name in _interfaces(record):
+            self._names.setdefault(key, Counter())[name] += 1
+        self._load[_served_by(record)] += 1
+
+    def pop(self, connection_id: str) -> ConnectionRecord | None:
+        record = self._records.pop(connection_id, None)
+        if record is None:
+            return None
+        for key, name in _interfaces(record):
+            names = self._names[key]
+            names[name] -= 1
+            if names[name] <= 0:
+                del names[name]
+            if not names:
+                del self._names[key]
+        self._load[_served_by(record)] -= 1
+        return record
+
+    def load(self, endpoint: str) -> int:
+        """How many connections ``endpoint`` serves."""
+        return self._load[endpoint]
+
+    def free_interface(self, workload: Workload, *, skip: str | None = None) -> str:
+        """The first ``nsmN`` that no connection (but ``skip``) uses in ``workload``."""
+        key = workload_key(workload)
+        taken = self._names.get(key, Counter())
+        skipped = self._records.get(skip) if skip is not None else None
+        own = Counter(n for k, n in _interfaces(skipped) if k == key) if skipped else Counter()
+        for i in range(MAX_INTERFACES):
+            name = f"{INTERFACE_PREFIX}{i}"
+            if taken[name] - own[name] <= 0:
+                return name
+        raise Exhausted(f"{workload} has {MAX_INTERFACES} connections already")
