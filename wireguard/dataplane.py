@@ -17,6 +17,7 @@ from types import TracebackType
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wireguard import clamping
+from wireguard import rtnetlink as nl
 from wireguard.drivers.base import (
     InterfaceRef,
     InterfaceSpec,
@@ -515,8 +516,9 @@ class Dataplane:
             plan, assigned = self._plan(wire, model)
             new = model.ledger.acquire(plan.objects)
             try:
-                await self._create_veth(plan)
-                await self._apply(new)
+                with self.rtnl.remembering_indexes():
+                    await self._create_veth(plan)
+                    await self._apply(new, bring_up=plan.veth)
             except BaseException:
                 await self._shielded(self._undo_attach(plan, assigned))
                 raise
@@ -539,30 +541,33 @@ class Dataplane:
         await asyncio.shield(coro)
 
     async def _create_veth(self, plan: WirePlan) -> None:
+        """The wire's veth pair, both ends down, the workload's end configured and up;
+        the gateway's end is brought up by :meth:`_apply`."""
         end = plan.workload_end
-        if await self.rtnl.find(plan.veth) is not None:
-            # Left behind by a gateway that died between creating and recording it.
-            await self.rtnl.delete_link(plan.veth)
-        try:
-            await self.rtnl.add_veth_pair(
-                plan.veth,
-                end.name,
-                peer_netns=end.netns,
-                mac=plan.mac,
-                peer_mac=end.mac,
-                mtu=plan.mtu,
-                up=True,
-            )
-        except NetlinkFailed as exc:
-            if exc.errno == errno.EEXIST:
+        for attempt in (1, 2):
+            try:
+                link = await self.rtnl.add_veth_pair(
+                    plan.veth,
+                    end.name,
+                    peer_netns=end.netns,
+                    mac=plan.mac,
+                    peer_mac=end.mac,
+                    mtu=plan.mtu,
+                )
+                break
+            except NetlinkFailed as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+                # Left behind by a gateway that died between creating and recording it?
+                if attempt == 1 and await self.rtnl.delete_link(plan.veth):
+                    continue
                 raise WireConflict(
                     f"connection {plan.wire.connection_id}: an interface {end.name} exists "
                     f"in {end.netns} already"
                 ) from exc
-            raise
         try:
             async with Rtnl(end.netns) as rtnl:
-                await configure_workload_end(rtnl, end, self.policy.protocol)
+                await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:
             await self._shielded(self.rtnl.delete_link(plan.veth))
             raise
@@ -583,18 +588,28 @@ class Dataplane:
 
     # --- gateway objects --------------------------------------------------------------------
 
-    async def _apply(self, objects: Iterable[GatewayObject]) -> None:
-        """Create objects in an order that opens the path last: neighbours, routes and
-        allowed IPs before the rules that lead traffic to them."""
+    async def _apply(
+        self, objects: Iterable[GatewayObject], *, bring_up: str | None = None
+    ) -> None:
+        """Create objects in an order that opens the path last: the link ``bring_up``
+        (a new wire's gateway end), neighbours and routes, then allowed IPs, then the
+        rules that lead traffic to them. Two batches and a WireGuard update."""
         objs = list(objects)
-        with self.rtnl.remembering_indexes():
-            for n in (o for o in objs if isinstance(o, Neighbour)):
-                await self.rtnl.set_neighbour(n)
-            for r in (o for o in objs if isinstance(o, Route)):
-                await self.rtnl.replace_route(r)
+        rtnl = self.rtnl
+        with rtnl.remembering_indexes():
+            first = await self._up_requests(bring_up) if bring_up is not None else []
+            first += [await rtnl.neighbour_request(n) for n in objs if isinstance(n, Neighbour)]
+            first += [await rtnl.route_request(r) for r in objs if isinstance(r, Route)]
+            await rtnl.batch(first)
         await self._allowed(objs, add=True)
-        for rule in (o for o in objs if isinstance(o, Rule)):
-            await self.rtnl.add_rule(rule)
+        await rtnl.batch([rtnl.rule_request(r) for r in objs if isinstance(r, Rule)])
+
+    async def _up_requests(self, veth: str) -> list[nl.Request]:
+        """Bringing a new wire's gateway end up, with no IPv6 autoconfiguration."""
+        return [
+            await self.rtnl.no_ipv6_autoconf_request(veth),
+            await self.rtnl.link_request(veth, up=True),
+        ]
 
     async def _remove(self, objects: Iterable[GatewayObject]) -> None:
         """Remove objects, closing the path first (rules), then what it led to."""
@@ -911,6 +926,7 @@ class _Reconciliation:
                                 self.change(change)
                     if not ours:
                         await self.dp._create_veth(plan)
+                        await rtnl.batch(await self.dp._up_requests(plan.veth))
                         self.change(f"wire {plan.veth} <-> {end.name} in {end.netns}")
                 except DataplaneError as exc:
                     self.fail(what, exc)

@@ -404,7 +404,11 @@ class Rtnl:
     def remembering_indexes(self) -> Iterator[None]:
         """Within the block, look each interface's index up once: a batch of routes and
         neighbours on the same links then costs no extra round trips. Only for blocks
-        in which no one else deletes or recreates those links."""
+        in which no one else deletes or recreates those links. Nested blocks share the
+        outermost one's memory."""
+        if self._indexes is not None:
+            yield
+            return
         self._indexes = {}
         try:
             yield
@@ -481,10 +485,11 @@ class Rtnl:
         peer_mac: str | None = None,
         mtu: int | None = None,
         up: bool = False,
-    ) -> None:
+    ) -> Link:
         """A veth pair created in place: ``ifname`` here, ``peer`` in ``peer_netns`` (a name
         or a path such as ``/proc/PID/ns/net``), both with the given MACs and MTU, and
-        ``ifname`` up if asked (the kernel takes no flags for the peer).
+        ``ifname`` up if asked (the kernel takes no flags for the peer). The new link,
+        whose ``peer_index`` is the peer's index in its namespace.
         :class:`NetlinkFailed` with EEXIST if either name is taken."""
         check_ifname(ifname)
         check_ifname(peer)
@@ -496,15 +501,27 @@ class Rtnl:
                 raise NamespaceNotFound(
                     f"network namespace {peer_netns!r} does not exist"
                 ) from None
+        request = nl.new_veth(
+            ifname, peer, peer_netns_fd=fd, mac=mac, peer_mac=peer_mac, mtu=mtu, up=up
+        )
         try:
-            await self._one(
-                nl.new_veth(
-                    ifname, peer, peer_netns_fd=fd, mac=mac, peer_mac=peer_mac, mtu=mtu, up=up
-                )
-            )
+            (reply,) = await self._exchange([request])
         finally:
             if fd is not None:
                 os.close(fd)
+        if reply.error:
+            raise self._failed(request, reply)
+        echoed = [_link(p) for kind, p in reply.messages if kind == nl.RTM_NEWLINK]
+        link = echoed[0] if echoed else await self.link(ifname)  # no echo before Linux 6.3
+        if link is None:
+            raise LinkNotFound(f"veth {ifname} vanished as it was made in {self.where}")
+        self.remember(ifname, link.index)
+        return link
+
+    def remember(self, ifname: str, index: int) -> None:
+        """Within :meth:`remembering_indexes`, what ``ifname``'s index is."""
+        if self._indexes is not None:
+            self._indexes[ifname] = index
 
     async def set_link(
         self,
@@ -514,10 +531,22 @@ class Rtnl:
         mtu: int | None = None,
         master: str | None = None,
     ) -> None:
+        await self._one(await self.link_request(ifname, up=up, mtu=mtu, master=master))
+
+    async def link_request(
+        self,
+        ifname: str,
+        *,
+        up: bool | None = None,
+        mtu: int | None = None,
+        master: str | None = None,
+    ) -> nl.Request:
         index = await self.index(ifname)
         master_index = await self.index(master) if master is not None else None
-        if up is not None or mtu is not None or master is not None:
-            await self._one(nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index))
+        return nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index)
+
+    async def no_ipv6_autoconf_request(self, ifname: str) -> nl.Request:
+        return nl.no_ipv6_autoconf(await self.index(ifname), ifname)
 
     async def delete_link(self, ifname: str, *, missing_ok: bool = True) -> bool:
         index = await self.find(ifname)
@@ -542,9 +571,15 @@ class Rtnl:
         return await self._address(ifname, address, nodad=True)
 
     async def _address(self, ifname: str, address: Interface | str, *, nodad: bool) -> bool:
+        return await self._one(await self.address_request(ifname, address, nodad=nodad))
+
+    async def address_request(
+        self, ifname: str, address: Interface | str, *, nodad: bool = False
+    ) -> nl.Request:
+        """Adding ``address``; EEXIST (it is there already) is not a failure."""
         iface = ipaddress.ip_interface(address)
         request = nl.add_address(await self.index(ifname), ifname, iface, nodad=nodad)
-        return await self._one(replace(request, ignore=_EXISTS))
+        return replace(request, ignore=_EXISTS)
 
     async def delete_address(self, ifname: str, address: Interface | str) -> bool:
         """False if ``ifname`` did not have ``address``."""
@@ -601,7 +636,10 @@ class Rtnl:
         await self.replace_routes([route])
 
     async def replace_routes(self, routes: Iterable[Route]) -> None:
-        await self.batch([nl.replace_route(await self._route_spec(r)) for r in routes])
+        await self.batch([await self.route_request(r) for r in routes])
+
+    async def route_request(self, route: Route) -> nl.Request:
+        return nl.replace_route(await self._route_spec(route))
 
     async def delete_route(self, route: Route) -> bool:
         """False if there was no such route (or its device is gone, taking it along)."""
@@ -657,9 +695,11 @@ class Rtnl:
         return (await self.add_rules([rule]))[0]
 
     async def add_rules(self, rules: Iterable[Rule]) -> list[bool]:
-        return await self.batch(
-            [replace(nl.add_rule(r.spec(), str(r)), ignore=_EXISTS) for r in rules]
-        )
+        return await self.batch([self.rule_request(r) for r in rules])
+
+    def rule_request(self, rule: Rule) -> nl.Request:
+        """Adding ``rule``; EEXIST (an equal rule is there) is not a failure."""
+        return replace(nl.add_rule(rule.spec(), str(rule)), ignore=_EXISTS)
 
     async def delete_rule(self, rule: Rule) -> bool:
         """False if there was no such rule."""
@@ -697,9 +737,11 @@ class Rtnl:
         await self.set_neighbours([neighbour])
 
     async def set_neighbours(self, neighbours: Iterable[Neighbour]) -> None:
-        await self.batch(
-            [nl.set_neighbour(await self.index(n.dev), n.dev, n.address, n.mac) for n in neighbours]
-        )
+        await self.batch([await self.neighbour_request(n) for n in neighbours])
+
+    async def neighbour_request(self, neighbour: Neighbour) -> nl.Request:
+        index = await self.index(neighbour.dev)
+        return nl.set_neighbour(index, neighbour.dev, neighbour.address, neighbour.mac)
 
     async def delete_neighbour(self, neighbour: Neighbour) -> bool:
         index = await self.find(neighbour.dev)

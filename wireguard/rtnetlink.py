@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import socket
 import struct
@@ -27,7 +28,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # netlink(7)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x2, 0x4, 0x8
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
@@ -44,7 +45,8 @@ RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
-IFLA_LINKINFO, IFLA_EXT_MASK, IFLA_NET_NS_FD = 18, 29, 28
+IFLA_LINKINFO, IFLA_EXT_MASK, IFLA_NET_NS_FD, IFLA_AF_SPEC = 18, 29, 28, 26
+IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 RTEXT_FILTER_SKIP_STATS = 1 << 3  # dumps without the (large) counters
@@ -316,7 +318,8 @@ def new_veth(
     up: bool = False,
 ) -> Request:
     """A veth pair, its peer end made directly in the namespace ``peer_netns_fd`` (an
-    open descriptor of it, which must stay open until the request is sent)."""
+    open descriptor of it, which must stay open until the request is sent). The kernel
+    echoes the new link (since Linux 6.3), its peer's index included."""
     peer_body = IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _link_attrs(peer, peer_mac, mtu)
     if peer_netns_fd is not None:
         peer_body += attr_u32(IFLA_NET_NS_FD, peer_netns_fd)
@@ -340,6 +343,18 @@ def set_link(
     if master is not None:
         body += attr_u32(IFLA_MASTER, master)
     return Request(RTM_SETLINK, 0, body, f"set {name}")
+
+
+def no_ipv6_autoconf(index: int, name: str) -> Request:
+    """No IPv6 link-local address on the link, so none of the kernel's work that comes
+    with one (duplicate address detection, router solicitations, MLD reports): a wire's
+    ends are reached through static neighbour entries. Takes effect when the link goes
+    up, and cannot be given when the link is made."""
+    mode = attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE]))
+    body = _ifinfo(index) + attr(IFLA_AF_SPEC, attr(socket.AF_INET6, mode))
+    # Where the kernel or the namespace has no IPv6, there is nothing to turn off.
+    no_ipv6 = frozenset({errno.EAFNOSUPPORT, errno.EOPNOTSUPP})
+    return Request(RTM_SETLINK, 0, body, f"turn off IPv6 autoconf of {name}", no_ipv6)
 
 
 def delete_link(index: int, name: str) -> Request:

@@ -237,19 +237,23 @@ class WorkloadEnd:
         return Route(dst, dev=self.name, via=self.next_hop, protocol=protocol)
 
 
-async def configure_workload_end(rtnl: Rtnl, end: WorkloadEnd, protocol: int) -> None:
-    """Give a new workload end (made with its MTU) its address, neighbour and routes,
-    and bring it up."""
+async def configure_workload_end(
+    rtnl: Rtnl, end: WorkloadEnd, protocol: int, index: int | None = None
+) -> None:
+    """Give a new workload end (made down, with its MTU) its address, neighbour and
+    routes, and bring it up: one batch. ``index``: the end's index, when known."""
     with rtnl.remembering_indexes():
-        await rtnl.set_link(end.name, up=True)
-        await rtnl.add_address_nodad(end.name, end.address)
-        await _set_neighbour(rtnl, end)
-        for dst in end.routes:
-            await rtnl.replace_route(end.route(dst, protocol))
-
-
-async def _set_neighbour(rtnl: Rtnl, end: WorkloadEnd) -> None:
-    await rtnl.set_neighbour(Neighbour(end.name, end.next_hop, end.gateway_mac))
+        if index is not None:
+            rtnl.remember(end.name, index)
+        await rtnl.batch(
+            [
+                await rtnl.no_ipv6_autoconf_request(end.name),
+                await rtnl.link_request(end.name, up=True),
+                await rtnl.address_request(end.name, end.address, nodad=True),
+                await rtnl.neighbour_request(Neighbour(end.name, end.next_hop, end.gateway_mac)),
+                *[await rtnl.route_request(end.route(dst, protocol)) for dst in end.routes],
+            ]
+        )
 
 
 def is_our_end(link: Link | None, end: WorkloadEnd, gateway_index: int) -> bool:
@@ -318,7 +322,7 @@ async def repair_workload_end(
         changes.append(f"address {end.address} on {where}")
     neighbours = snap.neighbours.get(end.name, [])
     if not any(n.address == end.next_hop and n.mac.lower() == end.gateway_mac for n in neighbours):
-        await _set_neighbour(rtnl, end)
+        await rtnl.set_neighbour(Neighbour(end.name, end.next_hop, end.gateway_mac))
         changes.append(f"neighbour {end.next_hop} on {where}")
     want = {end.route(dst, protocol) for dst in end.routes}
     current = {r for r in snap.main_routes if r.dev == end.name and r.protocol == protocol}

@@ -12,6 +12,7 @@ import re
 import secrets
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -930,6 +931,11 @@ async def test_a_rotated_key_keeps_the_wires(dlab: DataplaneLab) -> None:
     assert status.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]  # moved to the new key
     [row] = [r for r in await wg_dump(p.a.netns, status.interface) if len(r) == 8]
     assert row[0] == str(p.b.key.public_key())  # the old peer is gone
+    # When both sides change within milliseconds, wireguard-go may drop the first
+    # handshake and retry it after REKEY_TIMEOUT (5 s); traffic must flow by then.
+    deadline = time.monotonic() + 7
+    while await ping(p.client, SERVICE_ADDRESS, count=1) != (1, 1):
+        assert time.monotonic() < deadline, "no traffic 7 s after the key rotation"
     assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
     # A second tunnel cannot take a port that one uses already.
     d = await dlab.gateway("d")

@@ -1,0 +1,115 @@
+"""The rtnetlink codec: what is packed parses back to the same thing, and batches get
+each request's own answer. Sockets are made in throwaway namespaces (root only)."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+import pytest
+
+from tests.hostcheck import needs_root
+from wireguard import rtnetlink as nl
+from wireguard.netns import in_throwaway_netns
+
+NETS = [ipaddress.ip_network("10.60.0.0/16"), ipaddress.ip_network("fd00:60::/64")]
+
+
+def _payload(request: nl.Request) -> bytes:
+    return request.body
+
+
+async def _socket() -> nl.NetlinkSocket:
+    """A socket in a new, empty namespace, which goes when the socket is closed."""
+    return await in_throwaway_netns(nl.NetlinkSocket.open)
+
+
+@pytest.mark.parametrize("dst", [*NETS, ipaddress.ip_network("0.0.0.0/0")])
+@pytest.mark.parametrize("table", [254, 1000])
+def test_a_route_parses_back(dst: ipaddress.IPv4Network, table: int) -> None:
+    via = ipaddress.ip_address("10.0.0.1" if dst.version == 4 else "fd00::1")
+    spec = nl.RouteSpec(dst, table=table, oif=7, via=via, protocol=99)
+    assert nl.parse_route(_payload(nl.replace_route(spec))) == spec
+    unreachable = nl.RouteSpec(dst, table=table, kind="unreachable", protocol=99)
+    assert nl.parse_route(_payload(nl.replace_route(unreachable))) == unreachable
+
+
+def test_a_route_of_an_unknown_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="route type"):
+        nl.replace_route(nl.RouteSpec(NETS[0], kind="teleport"))
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        nl.RuleSpec(1000, 4, table=1200, iif="fgw-abc", src=NETS[0], protocol=99),
+        nl.RuleSpec(1002, 6, action="blackhole", iif="fgw-abc", protocol=99),
+        nl.RuleSpec(1001, 6, table=70000, src=NETS[1]),
+    ],
+)
+def test_a_rule_parses_back(rule: nl.RuleSpec) -> None:
+    assert nl.parse_rule(_payload(nl.add_rule(rule, "r"))) == rule
+
+
+def test_an_address_and_a_neighbour_parse_back() -> None:
+    iface = ipaddress.ip_interface("fd00::3/127")
+    assert nl.parse_address(_payload(nl.add_address(5, "x", iface, nodad=True))) == (5, iface)
+    address = ipaddress.ip_address("172.16.1.1")
+    request = nl.set_neighbour(5, "x", address, "02:aa:bb:cc:dd:ee")
+    assert nl.parse_neighbour(_payload(request)) == (5, address, "02:aa:bb:cc:dd:ee", 0x80)
+
+
+def test_attributes_stop_at_a_truncated_one() -> None:
+    data = nl.attr_u32(1, 7) + nl.attr_str(3, "eth0")
+    assert nl.parse_attrs(data) == {1: b"\x07\0\0\0", 3: b"eth0\0"}
+    assert nl.parse_attrs(data[:-4]) == {1: b"\x07\0\0\0"}
+
+
+@needs_root
+async def test_a_batch_answers_each_request_with_its_own_reply() -> None:
+    sock = await _socket()
+    try:
+        replies = await sock.exchange(
+            [nl.get_link("lo"), nl.get_link("fgw-no-such"), nl.dump_links()]
+        )
+        assert [r.error for r in replies] == [0, errno.ENODEV, 0]
+        assert nl.parse_link(replies[0].messages[0][1]).name == "lo"
+        assert replies[1].messages == []
+        assert "lo" in {nl.parse_link(p).name for _, p in replies[2].messages}
+    finally:
+        sock.close()
+
+
+@needs_root
+async def test_answers_to_an_abandoned_request_are_dropped() -> None:
+    sock = await _socket()
+    try:
+        # As if a batch had been cancelled after sending: its answer waits in the socket.
+        (leftover,) = [nl.get_link("lo")]
+        seq = sock._next_seq()
+        header = nl.HEADER.pack(
+            nl.HEADER.size + len(leftover.body),
+            leftover.type,
+            nl.NLM_F_REQUEST | nl.NLM_F_ACK,
+            seq,
+            0,
+        )
+        sock._sock.send(header + leftover.body)
+        (reply,) = await sock.exchange([nl.get_link("fgw-no-such")])
+        assert reply.error == errno.ENODEV
+        assert reply.messages == []
+    finally:
+        sock.close()
+
+
+@needs_root
+async def test_the_kernel_says_why_a_request_failed() -> None:
+    sock = await _socket()
+    try:
+        # A route through a next hop that nothing leads to (the namespace is empty).
+        via = ipaddress.ip_address("10.1.1.1")
+        (reply,) = await sock.exchange([nl.replace_route(nl.RouteSpec(NETS[0], via=via))])
+        assert reply.error == errno.ENETUNREACH
+        assert reply.message and "gateway" in reply.message  # the extended ack's text
+    finally:
+        sock.close()
