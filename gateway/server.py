@@ -31,7 +31,7 @@ from gateway.errors import SettingsError, StateDirInUse
 from gateway.runtime import Gateway
 from gateway.settings import GatewaySettings, HostPortTuple, format_host_port
 from spire_integration import ServerTLS
-from spire_integration.asgi import SpiffeH11Protocol
+from spire_integration.asgi import SpiffeHttpProtocol
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,8 @@ async def run_gateway(
 def _config(listener: Listener) -> uvicorn.Config:
     tls: dict[str, Any] = {}
     if listener.tls is not None:
-        # The h11 protocol subclass hands the SPIFFE ID the handshake verified to the app.
-        tls = {"ssl_context_factory": listener.tls.ssl_context_factory, "http": SpiffeH11Protocol}
+        # The protocol subclass hands the SPIFFE ID the handshake verified to the app.
+        tls = {"ssl_context_factory": listener.tls.ssl_context_factory, "http": SpiffeHttpProtocol}
     return uvicorn.Config(
         listener.app,
         lifespan="off",

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 STATE_KEY = "spiffe_id"
 
 
-class SpiffeH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol plus the peer's SPIFFE ID in every request's state.
+class SpiffeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools' C parser) plus the peer's SPIFFE ID in
+    every request's state.
 
-    ``uvicorn.Config(app, http=SpiffeH11Protocol, ssl_context_factory=...)``. uvicorn
+    ``uvicorn.Config(app, http=SpiffeHttpProtocol, ssl_context_factory=...)``. uvicorn
     copies ``app_state`` into each request scope; this connection gets its own copy with
     the verified ID (``None`` without TLS or without a client certificate).
     """

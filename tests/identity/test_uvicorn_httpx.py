@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from spire_integration.asgi import SpiffeH11Protocol
+from spire_integration.asgi import SpiffeHttpProtocol
 from spire_integration.builtin_source import BuiltinIdentitySource
 from spire_integration.bundle import TrustBundle
 from spire_integration.spiffe_id import SpiffeId
@@ -52,7 +52,7 @@ async def uvicorn_server(tls: ServerTLS) -> AsyncIterator[str]:
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         whoami,
-        http=SpiffeH11Protocol,
+        http=SpiffeHttpProtocol,
         ssl_context_factory=tls.ssl_context_factory,
         lifespan="off",
         log_level="warning",
