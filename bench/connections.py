@@ -36,6 +36,15 @@ def pct(samples: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU time of process ``pid`` so far."""
+    if pid is None:
+        return 0.0
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -93,12 +102,18 @@ async def main() -> None:
         clients = [await lab.add_workload("cluster1", f"c{i}") for i in range(args.workloads)]
         locals_ = [await lab.add_workload("cluster2", f"l{i}") for i in range(args.workloads)]
 
+        pids = {c.name: c.gateway_pid for c in (await lab.status()).clusters}
         base_lat, base_wall, _ = await connect_many(
             lab, "cluster2", "vpn", locals_, args.baseline, args.concurrency
         )
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         lat, wall, made = await connect_many(
             lab, "cluster1", "vpn@cluster2", clients, args.connections, args.concurrency
         )
+        cpu_ms = {
+            name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / args.connections
+            for name, pid in pids.items()
+        }
         status = await lab.status()
         rss = {c.name: rss_mib(c.gateway_pid) for c in status.clusters}
 
@@ -161,6 +176,10 @@ async def main() -> None:
         print(f"  ratio cross-domain/local p50: {pct(lat, 0.5) / pct(base_lat, 0.5):.2f}")
         print(f"  mean request->up: {statistics.mean(lat) * 1000:.1f} ms")
         print("  gateway RSS: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
+        print(
+            "  gateway CPU per cross-domain connection: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in cpu_ms.items())
+        )
         print(f"  sample checked for traffic: {passing}/{len(sample)} answer a ping")
         print(
             f"  serving gateway restart: stopped in {t_start - t_stop:.2f}s, ready after "

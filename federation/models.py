@@ -233,3 +233,23 @@ class ConnectionGrant(BaseModel):
 class LeaseGrant(BaseModel):
     id: ConnectionId
     expires_at: datetime
+
+
+MAX_REFRESH = 500
+"""Connections whose leases one refresh call extends (their ids fit in 40 KB)."""
+
+
+class LeaseRefresh(BaseModel):
+    """A client's gateway extends the leases of its connections to the called domain,
+    all in one call (one call per connection would cost as much as setting them up)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[ConnectionId] = Field(min_length=1, max_length=MAX_REFRESH)
+
+
+class LeaseGrants(BaseModel):
+    leases: list[LeaseGrant]
+    unknown: list[ConnectionId] = Field(
+        default_factory=list, description="ids the serving gateway has no connection of yours for"
+    )

@@ -61,6 +61,9 @@ class ConnectionTable:
         self._records: dict[str, ConnectionRecord] = {}
         self._names: dict[WorkloadKey, Counter[str]] = {}
         self._load: Counter[str | None] = Counter()
+        # Per workload, an index below which every nsmN is taken: an endpoint serving a
+        # thousand connections is not searched from nsm0 each time.
+        self._low: dict[WorkloadKey, int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -93,8 +96,12 @@ class ConnectionTable:
             names[name] -= 1
             if names[name] <= 0:
                 del names[name]
+                number = _number(name)
+                if number is not None and number < self._low.get(key, 0):
+                    self._low[key] = number
             if not names:
                 del self._names[key]
+                self._low.pop(key, None)
         self._load[_served_by(record)] -= 1
         return record
 
@@ -108,8 +115,27 @@ class ConnectionTable:
         taken = self._names.get(key, Counter())
         skipped = self._records.get(skip) if skip is not None else None
         own = Counter(n for k, n in _interfaces(skipped) if k == key) if skipped else Counter()
-        for i in range(MAX_INTERFACES):
-            name = f"{INTERFACE_PREFIX}{i}"
-            if taken[name] - own[name] <= 0:
-                return name
-        raise Exhausted(f"{workload} has {MAX_INTERFACES} connections already")
+        low = self._low.get(key, 0)
+        for i in range(low, MAX_INTERFACES):
+            if taken[f"{INTERFACE_PREFIX}{i}"] <= 0:
+                break
+        else:
+            i = MAX_INTERFACES
+        if key in self._names:
+            self._low[key] = i
+        # What only ``skip`` takes is free for it, below the mark too.
+        mine = [n for n, count in own.items() if taken[n] - count <= 0]
+        numbers = [x for x in map(_number, mine) if x is not None and x < i]
+        if numbers:
+            return f"{INTERFACE_PREFIX}{min(numbers)}"
+        if i == MAX_INTERFACES:
+            raise Exhausted(f"{workload} has {MAX_INTERFACES} connections already")
+        return f"{INTERFACE_PREFIX}{i}"
+
+
+def _number(name: str) -> int | None:
+    """N of an ``nsmN`` name."""
+    digits = name.removeprefix(INTERFACE_PREFIX)
+    if digits == name or not digits.isdigit() or (digits.startswith("0") and digits != "0"):
+        return None
+    return int(digits)

@@ -34,9 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from federation.errors import BadPeerAnswer, NotExported, PeerUnreachable
 from federation.models import (
+    MAX_REFRESH,
     ConnectionGrant,
     ConnectionOffer,
     LeaseGrant,
+    LeaseGrants,
+    LeaseRefresh,
     WireGuardInfo,
     parse_answer,
 )
@@ -158,7 +161,7 @@ class ConnectionManager:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._retry_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
-        self._refresh_at: dict[str, float] = {}
+        self._refresh_at: dict[str, float] = {}  # per peer: when its leases are refreshed
         self._notifications: set[asyncio.Task[None]] = set()
         self._repair = False
         self._counters: dict[str, tuple[int, int]] = {}
@@ -502,10 +505,11 @@ class ConnectionManager:
         self, record: ConnectionRecord, prefer: str | None
     ) -> ConnectionRecord:
         c = record.connection
-        assert record.peer is not None
+        peer = record.peer
+        assert peer is not None
         # An unknown domain fails here, before a tunnel or a port is set aside for it.
-        await self._federation.resolver.resolve(record.peer)
-        tunnel = await self._tunnel(record.peer)
+        await self._federation.resolver.resolve(peer)
+        tunnel = await self._tunnel(peer)
         offer = ConnectionOffer(
             id=c.id,
             service=c.service.name,
@@ -515,10 +519,10 @@ class ConnectionManager:
             wireguard=self._our_wireguard(tunnel),
         )
         answer = await self._federation.call(
-            record.peer, "POST", "/federation/v1/connections", json=offer.model_dump(mode="json")
+            peer, "POST", "/federation/v1/connections", json=offer.model_dump(mode="json")
         )
-        grant = self._check_grant(record, parse_answer(ConnectionGrant, answer, record.peer))
-        await self._connect_tunnel(record.peer, grant.wireguard)
+        grant = self._check_grant(record, parse_answer(ConnectionGrant, answer, peer))
+        await self._connect_tunnel(peer, grant.wireguard)
         previous = (c.client.address, c.server.address)
         updated_connection = c.model_copy(
             update={
@@ -534,10 +538,8 @@ class ConnectionManager:
         if previous != (grant.client_address, grant.endpoint_address) and previous[0] is not None:
             await self._unwire(c.id)  # healed onto other addresses: re-wire the client
         await self._wire(record)
-        self._schedule_refresh(record)
-        return await self._move(
-            record, ConnectionState.UP, f"wired to {grant.endpoint}@{record.peer}"
-        )
+        self._schedule_refresh(peer, grant.expires_at.timestamp())
+        return await self._move(record, ConnectionState.UP, f"wired to {grant.endpoint}@{peer}")
 
     @staticmethod
     def _check_grant(record: ConnectionRecord, grant: ConnectionGrant) -> ConnectionGrant:
@@ -554,25 +556,75 @@ class ConnectionManager:
                     )
         return grant
 
-    def _schedule_refresh(self, record: ConnectionRecord) -> None:
-        expires = record.connection.expires_at.timestamp()
+    def _schedule_refresh(self, peer: str, expires: float) -> None:
+        """Refresh the leases granted by ``peer`` at a third of what is left of the
+        shortest, unless a refresh is due sooner already."""
         now = self._clock.now()
-        self._refresh_at[record.connection.id] = now + max((expires - now) / 3, 0.2)
+        at = now + max((expires - now) / 3, 0.2)
+        self._refresh_at[peer] = min(self._refresh_at.get(peer, at), at)
 
-    async def _refresh(self, record: ConnectionRecord) -> ConnectionRecord:
-        assert record.peer is not None
-        answer = await self._federation.call(
-            record.peer, "POST", f"/federation/v1/connections/{record.connection.id}/refresh"
-        )
-        lease = parse_answer(LeaseGrant, answer, record.peer)
-        record = record.model_copy(
-            update={
-                "connection": record.connection.model_copy(update={"expires_at": lease.expires_at})
-            }
-        )
-        await self._save(record)
-        self._schedule_refresh(record)
-        return record
+    async def _refresh_peer(self, peer: str, now: float) -> None:
+        """Extend the leases of all our connections to ``peer``, a few hundred per call.
+        What it no longer has goes down and heals; when it cannot be reached, the
+        connections stay up while their leases last (the data plane does not need it)."""
+        self._refresh_at.pop(peer, None)
+        ids = [
+            r.connection.id
+            for r in self._connections.values()
+            if r.role == "client" and r.peer == peer and r.connection.state is ConnectionState.UP
+        ]
+        for start in range(0, len(ids), MAX_REFRESH):
+            chunk = ids[start : start + MAX_REFRESH]
+            try:
+                answer = await self._federation.call(
+                    peer,
+                    "POST",
+                    "/federation/v1/connections/refresh",
+                    json=LeaseRefresh(ids=chunk).model_dump(mode="json"),
+                )
+                grants = parse_answer(LeaseGrants, answer, peer)
+            except PeerUnreachable as exc:
+                log.info("lease refresh at %s failed, retrying: %s", peer, exc)
+                self._refresh_at[peer] = now + self._refresh_retry
+                expiring = [
+                    cid
+                    for cid in chunk
+                    if (r := self._connections.get(cid)) is not None
+                    and r.connection.expires_at.timestamp() - now <= 2 * self._refresh_retry
+                ]
+                await self._down(expiring, f"lease refresh failed: {exc}")
+                continue
+            except FedgwError as exc:
+                await self._down(chunk, f"lease refresh failed: {exc}")
+                continue
+            for grant in grants.leases:
+                await self._extended(peer, grant)
+            await self._down(
+                [cid for cid in grants.unknown if cid in chunk],
+                f"{peer} no longer has the connection (endpoint gone or lease lost)",
+            )
+
+    async def _extended(self, peer: str, grant: LeaseGrant) -> None:
+        lock = self._lock(grant.id)
+        if lock.locked():
+            return  # being healed or closed: that settles its lease
+        async with self._holding(grant.id) as record:
+            if record is None or record.role != "client" or record.peer != peer:
+                return
+            c = record.connection
+            record = record.model_copy(
+                update={"connection": c.model_copy(update={"expires_at": grant.expires_at})}
+            )
+            await self._save(record)
+            self._schedule_refresh(peer, grant.expires_at.timestamp())
+
+    async def _down(self, ids: list[str], reason: str) -> None:
+        """Client connections that lost their lease: down now, healed at the next tick."""
+        for cid in ids:
+            async with self._holding(cid) as record:
+                if record is not None and record.connection.state is ConnectionState.UP:
+                    await self._move(record, ConnectionState.DOWN, reason)
+                    self._retry_at[cid] = 0.0
 
     async def close(self, connection_id: str) -> ConnectionRecord:
         async with self._holding(connection_id) as record:
@@ -601,7 +653,7 @@ class ConnectionManager:
             closed = c.moved_to(ConnectionState.CLOSED, reason, to_datetime(self._clock.now()))
         await self._records.delete(c.id)
         self._connections.pop(c.id)
-        for table in (self._retry_at, self._backoff, self._refresh_at):
+        for table in (self._retry_at, self._backoff):
             table.pop(c.id, None)
         self._publish(EventType.DELETED, closed)
         log.info("connection %s closed: %s", c.id, reason)
@@ -766,10 +818,24 @@ class ConnectionManager:
         await self._save(updated)
         return updated
 
-    async def serve_refresh(self, caller: str, connection_id: str) -> LeaseGrant:
-        async with self._holding(connection_id) as record:
-            record = await self._extend(self._served(caller, connection_id, record))
-            return LeaseGrant(id=connection_id, expires_at=record.connection.expires_at)
+    async def serve_refresh(self, caller: str, ids: list[str]) -> LeaseGrants:
+        """A peer's gateway extends the leases of its connections here."""
+        expires = to_datetime(self._clock.now() + self._lease)
+        grants = LeaseGrants(leases=[])
+        for cid in dict.fromkeys(ids):
+            async with self._holding(cid) as record:
+                if record is None or record.role != "server" or record.peer != caller:
+                    grants.unknown.append(cid)
+                    continue
+                c = record.connection
+                # In memory only: a restarted gateway gives every lease a fresh term.
+                self._connections.put(
+                    record.model_copy(
+                        update={"connection": c.model_copy(update={"expires_at": expires})}
+                    )
+                )
+                grants.leases.append(LeaseGrant(id=cid, expires_at=expires))
+        return grants
 
     async def serve_close(self, caller: str, connection_id: str) -> None:
         async with self._holding(connection_id) as record:
@@ -886,7 +952,10 @@ class ConnectionManager:
                 except Exception:
                     log.exception("supervising connection %s failed; next tick retries", cid)
 
-        await asyncio.gather(*(one(cid) for cid in due))
+        refreshes = [p for p, at in self._refresh_at.items() if at <= now]
+        await asyncio.gather(
+            *(one(cid) for cid in due), *(self._refresh_peer(p, now) for p in refreshes)
+        )
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but
@@ -913,18 +982,17 @@ class ConnectionManager:
 
     def _step(
         self, record: ConnectionRecord, now: float, silent: set[str]
-    ) -> tuple[Literal["close", "heal", "refresh"], str] | None:
+    ) -> tuple[Literal["close", "heal"], str] | None:
         """What supervision has to do with a connection now, and why; None: nothing."""
         c = record.connection
-        endpoint_gone = c.server.endpoint is not None and self._endpoint_gone(c.server.endpoint)
         if record.role == "server":
             if c.expires_at.timestamp() <= now:
                 return "close", "lease expired"
-            if endpoint_gone:
+            if self._endpoint_gone(c.server.endpoint):
                 return "close", f"endpoint {c.server.endpoint} is gone"
             return None
         if record.role == "local":
-            if endpoint_gone:
+            if self._endpoint_gone(c.server.endpoint):
                 return "heal", f"endpoint {c.server.endpoint} is gone"
             if c.state is not ConnectionState.UP:
                 return "heal", c.reason or "down"
@@ -933,8 +1001,6 @@ class ConnectionManager:
         if c.state is ConnectionState.UP:
             if record.peer in silent:
                 return "heal", f"the tunnel to {record.peer} has been silent too long"
-            if self._refresh_at.get(c.id, 0.0) <= now:
-                return "refresh", "lease due"
             return None
         if self._retry_at.get(c.id, 0.0) <= now:
             return "heal", c.reason or "down"
@@ -947,36 +1013,12 @@ class ConnectionManager:
         action, reason = step
         if action == "close":
             await self._close(record, reason, tell_peer=True)
-        elif action == "heal":
-            await self._heal(record, reason)
         else:
-            await self._refresh_or_heal(record, now)
+            await self._heal(record, reason)
 
-    async def _refresh_or_heal(self, record: ConnectionRecord, now: float) -> None:
-        c = record.connection
-        try:
-            await self._refresh(record)
-        except NotFound:
-            await self._heal(
-                record, f"{record.peer} no longer has the connection (endpoint gone or lease lost)"
-            )
-        except PeerUnreachable as exc:
-            # The data plane does not need the peer's API: while the lease holds, the
-            # connection stays up and the refresh is tried again soon.
-            if c.expires_at.timestamp() - now > 2 * self._refresh_retry:
-                log.info("lease refresh of %s failed, retrying: %s", c.id, exc)
-                self._refresh_at[c.id] = now + self._refresh_retry
-            else:
-                await self._heal(record, f"lease refresh failed: {exc}")
-        except FedgwError as exc:
-            await self._heal(record, f"lease refresh failed: {exc}")
-
-    def _endpoint_gone(self, name: str) -> bool:
-        try:
-            self._registry.endpoint(name)
-        except NotFound:
-            return True
-        return False
+    def _endpoint_gone(self, name: str | None) -> bool:
+        """Whether the endpoint ``name`` of this domain is no longer registered."""
+        return name is not None and not self._registry.has_endpoint(name)
 
     async def _heal(self, record: ConnectionRecord, reason: str) -> None:
         """Down with ``reason``, then request again: the same endpoint first."""

@@ -153,6 +153,9 @@ class Registry:
         except KeyError:
             raise EndpointNotFound(f"endpoint {name!r} is not registered") from None
 
+    def has_endpoint(self, name: str) -> bool:
+        return name in self._endpoints
+
     def endpoints(
         self, service: str | None = None, selector: dict[str, str] | None = None
     ) -> list[Endpoint]:

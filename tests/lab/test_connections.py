@@ -239,6 +239,24 @@ async def test_serving_gateway_killed_and_restarted(lab: Lab) -> None:
     assert "served by vpn-gw-1" in await http_get(lab, "cluster1")
 
 
+@pytest.mark.lab(clusters=2, gateway_args=["--connection-lease", "3s", "--log-level", "debug"])
+async def test_leases_are_refreshed_and_connections_outlive_them(lab: Lab) -> None:
+    await join(lab, "cluster1", "cluster2")
+    await endpoint(lab, "cluster2", "vpn-gw-1", "vpn", "172.16.1.0/24", intranet=False)
+    conns = [await request(lab, "cluster1", "vpn@cluster2", f"c{i}") for i in range(3)]
+    served = {c["id"]: c for c in await fedgw(lab, "cluster2", "connections")}
+    await asyncio.sleep(7.5)  # two and a half leases: only refreshes keep them
+    now_served = {c["id"]: c for c in await fedgw(lab, "cluster2", "connections")}
+    assert set(now_served) == {c["id"] for c in conns}
+    for cid, before in served.items():
+        assert now_served[cid]["expires_at"] > before["expires_at"]
+    states = {c["id"]: c["state"] for c in await fedgw(lab, "cluster1", "connections")}
+    assert states == {c["id"]: "up" for c in conns}
+    # One call refreshes all three (a call each would make over 20 in 7.5 s).
+    calls = lab.layout.log("cluster2").read_text().count("POST /federation/v1/connections/refresh")
+    assert 2 <= calls <= 10
+
+
 @pytest.mark.lab(clusters=2, gateway_args=["--connection-lease", "3s"])
 async def test_unrefreshed_lease_is_closed_and_addresses_reused(lab: Lab) -> None:
     await join(lab, "cluster1", "cluster2")

@@ -77,7 +77,7 @@ def test_indexes_follow_puts_replacements_and_pops() -> None:
     rng = random.Random(5)  # noqa: S311 (a reproducible test sequence, not a secret)
     table = ConnectionTable()
     ids = [f"c{i}" for i in range(40)]
-    for _ in range(600):
+    for _ in range(1500):
         cid = rng.choice(ids)
         if rng.random() < 0.3:
             table.pop(cid)
@@ -94,6 +94,7 @@ def test_indexes_follow_puts_replacements_and_pops() -> None:
             r.connection.server.endpoint for r in records if r.role in ("server", "local")
         )
         assert {e: table.load(e) for e in ("e1", "e2")} == {e: load[e] for e in ("e1", "e2")}
+    assert set(table._low) <= set(table._names)  # nothing kept for workloads without names
 
 
 def test_a_pid_workload_is_told_apart_by_its_start_time() -> None:

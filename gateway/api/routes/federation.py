@@ -14,7 +14,8 @@ from federation.models import (
     FederatedService,
     JoinRequest,
     JoinResponse,
-    LeaseGrant,
+    LeaseGrants,
+    LeaseRefresh,
 )
 from fedgw import __version__
 from fedgw.errors import PermissionDenied
@@ -93,11 +94,11 @@ async def offer_connection(
     return await gateway.connections.serve(peer.trust_domain, offer)
 
 
-@router.post("/connections/{connection_id}/refresh", summary="Extend a connection's lease")
-async def refresh_connection(
-    connection_id: str, gateway: GatewayDep, peer: PeerGateway
-) -> LeaseGrant:
-    return await gateway.connections.serve_refresh(peer.trust_domain, connection_id)
+@router.post("/connections/refresh", summary="Extend the leases of the caller's connections")
+async def refresh_connections(
+    refresh: LeaseRefresh, gateway: GatewayDep, peer: PeerGateway
+) -> LeaseGrants:
+    return await gateway.connections.serve_refresh(peer.trust_domain, refresh.ids)
 
 
 @router.delete(
