@@ -964,13 +964,13 @@ class ConnectionManager:
         if self._dataplane is None:
             return set()
         try:
-            status = await self._dataplane.state()
+            peers = await self._dataplane.peers()
         except FedgwError:
             return set()
         now = self._clock.now()
         silent = set()
         counters = {}
-        for peer in status.peers:
+        for peer in peers:
             counters[peer.domain] = (peer.rx_bytes, peer.tx_bytes)
             rx0, tx0 = self._counters.get(peer.domain, (peer.rx_bytes, peer.tx_bytes))
             last = peer.last_handshake.timestamp() if peer.last_handshake else None

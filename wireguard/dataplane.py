@@ -55,6 +55,7 @@ from wireguard.routing import (
     wire_tables,
 )
 from wireguard.wires import (
+    ROLES,
     ClientWire,
     EndpointWire,
     NamespaceSnapshot,
@@ -222,12 +223,27 @@ class _Model:
     ledger: Ledger = field(default_factory=Ledger)
     tunnels: dict[str, _Tunnel] = field(default_factory=dict)
     wires: dict[tuple[str, Role], WirePlan] = field(default_factory=dict)
+    veths: dict[str, tuple[str, Role]] = field(default_factory=dict)
+    """Which wire has which gateway-side veth name."""
+
+    def add_wire(self, plan: WirePlan) -> None:
+        key = wire_key(plan.wire)
+        self.wires[key] = plan
+        self.veths[plan.veth] = key
+
+    def remove_wire(self, plan: WirePlan) -> None:
+        del self.wires[wire_key(plan.wire)]
+        self.veths.pop(plan.veth, None)
+
+    def connection_wires(self, connection_id: str) -> list[WirePlan]:
+        found = (self.wires.get((connection_id, role)) for role in ROLES)
+        return [plan for plan in found if plan is not None]
 
     def table_in_use(self, key: TableKey) -> bool:
         kind, name = key
         if kind == "peer":
             return name in self.tunnels
-        return any(cid == name for cid, _ in self.wires)
+        return bool(self.connection_wires(name))
 
 
 class Dataplane:
@@ -248,6 +264,9 @@ class Dataplane:
         self._model = _Model(TableAllocator(settings.tables))
         self._lock = asyncio.Lock()
         self._rtnl: Rtnl | None = None
+        # Tunnel interfaces' indexes, for the routes of every wire through them; dropped
+        # whenever a tunnel may have been remade, and after any failed attach.
+        self._tunnel_indexes: dict[str, int] = {}
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -398,6 +417,7 @@ class Dataplane:
         peer (with the allowed IPs of the wires through it), its table and rules. A
         changed remote key replaces the peer; a changed local key resets the session."""
         async with self._lock:
+            self._tunnel_indexes.clear()
             model = self._model
             _check_port(peer, model)
             old = model.tunnels.get(peer.domain)
@@ -429,6 +449,7 @@ class Dataplane:
         """Remove the tunnel to ``domain`` and every wire through it; the ids of the
         connections whose wires went with it."""
         async with self._lock:
+            self._tunnel_indexes.clear()
             model = self._model
             # Out of the model first: the wires' allowed IPs need not be taken off an
             # interface that is about to go.
@@ -459,7 +480,7 @@ class Dataplane:
         none. Nothing else is touched: shared routes and allowed IPs stay while others
         need them."""
         async with self._lock:
-            plans = [p for (cid, _), p in self._model.wires.items() if cid == connection_id]
+            plans = self._model.connection_wires(connection_id)
             for plan in plans:
                 await self._detach(plan)
             return bool(plans)
@@ -495,9 +516,8 @@ class Dataplane:
                 mtu=self._wire_mtu(wire, model),
             )
             what = f"connection {wire.connection_id} ({wire.role})"
-            for other in model.wires.values():
-                if other.veth == plan.veth and wire_key(other.wire) != wire_key(wire):
-                    raise WireConflict(f"{what}: interface name {plan.veth} is taken")
+            if model.veths.get(plan.veth, wire_key(wire)) != wire_key(wire):
+                raise WireConflict(f"{what}: interface name {plan.veth} is taken")
             model.ledger.check(plan.objects, what)
         except BaseException:
             for key in assigned:
@@ -517,13 +537,24 @@ class Dataplane:
             new = model.ledger.acquire(plan.objects)
             try:
                 with self.rtnl.remembering_indexes():
+                    await self._remember_tunnel(wire)
                     await self._create_veth(plan)
                     await self._apply(new, bring_up=plan.veth)
             except BaseException:
+                self._tunnel_indexes.clear()
                 await self._shielded(self._undo_attach(plan, assigned))
                 raise
-            model.wires[wire_key(wire)] = plan
+            model.add_wire(plan)
             return self._wire_status(plan, model)
+
+    async def _remember_tunnel(self, wire: Wire) -> None:
+        if wire.peer is None:
+            return
+        name = self._model.tunnels[wire.peer].plan.interface
+        index = self._tunnel_indexes.get(name)
+        if index is None:
+            index = self._tunnel_indexes[name] = await self.rtnl.index(name)
+        self.rtnl.remember(name, index)
 
     async def _undo_attach(self, plan: WirePlan, assigned: list[TableKey]) -> None:
         model = self._model
@@ -577,7 +608,7 @@ class Dataplane:
         # wanted any more, and the next reconciliation removes it.
         model = self._model
         gone = model.ledger.release(plan.objects)
-        del model.wires[wire_key(plan.wire)]
+        model.remove_wire(plan)
         for key in plan.tables:
             if not model.table_in_use(key):
                 model.tables.release(key)
@@ -692,11 +723,19 @@ class Dataplane:
             tables=[t for k in plan.tables if (t := model.tables.get(k)) is not None],
         )
 
+    async def peers(self) -> list[PeerStatus]:
+        """Each tunnel: its peer, handshake and counters."""
+        async with self._lock:
+            return await self._peers()
+
+    async def _peers(self) -> list[PeerStatus]:
+        return [await self._peer_status(t) for _, t in sorted(self._model.tunnels.items())]
+
     async def state(self) -> DataplaneStatus:
         """The driver, each tunnel (handshake, counters) and each wire."""
         async with self._lock:
             model = self._model
-            peers = [await self._peer_status(t) for _, t in sorted(model.tunnels.items())]
+            peers = await self._peers()
             wires = [self._wire_status(p, model) for _, p in sorted(model.wires.items())]
         return DataplaneStatus(
             driver=self.driver.kind,
@@ -715,6 +754,7 @@ class Dataplane:
         tables, its nftables table). What already matches is adopted untouched, sessions
         included, so this is also how a restarted gateway starts."""
         async with self._lock:
+            self._tunnel_indexes.clear()
             report = ReconcileReport()
             report.changes += await self._prepare()
             return await _Reconciliation(self, desired, report).run()
@@ -875,12 +915,12 @@ class _Reconciliation:
                 self.fail(what, exc)
                 continue
             model.ledger.acquire(plan.objects)
-            model.wires[wire_key(wire)] = plan
+            model.add_wire(plan)
 
     def _drop_wire(self, plan: WirePlan) -> None:
         model = self.model
         model.ledger.release(plan.objects)
-        del model.wires[wire_key(plan.wire)]
+        model.remove_wire(plan)
         for key in plan.tables:
             if not model.table_in_use(key):
                 model.tables.release(key)

@@ -26,6 +26,7 @@ from wireguard.netns import (
 )
 
 Role = Literal["client", "endpoint"]
+ROLES: tuple[Role, ...] = ("client", "endpoint")
 MIN_MTU = 1280  # IPv6's minimum; a wire carries both families
 
 
