@@ -230,6 +230,46 @@ class ConnectionGrant(BaseModel):
         return self
 
 
+MAX_OFFERS = 64
+"""Offers one call carries: those that queued while the previous call to the peer was out."""
+
+
+class ConnectionOffers(BaseModel):
+    """Offers for connections, answered each on its own (one call for a burst of them:
+    a call's own cost, TLS and HTTP on both sides, is a third of a connection's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offers: list[ConnectionOffer] = Field(min_length=1, max_length=MAX_OFFERS)
+
+
+class OfferError(BaseModel):
+    """Why one offer was refused, as an error response would say it."""
+
+    status: int = Field(ge=400, le=599)
+    error: str
+    detail: str
+    retryable: bool = False
+
+
+class OfferResult(BaseModel):
+    id: ConnectionId
+    grant: ConnectionGrant | None = None
+    error: OfferError | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Self:
+        if (self.grant is None) == (self.error is None):
+            raise ValueError("a result holds either a grant or an error")
+        if self.grant is not None and self.grant.id != self.id:
+            raise ValueError(f"the grant for {self.id} is for {self.grant.id}")
+        return self
+
+
+class OfferResults(BaseModel):
+    results: list[OfferResult] = Field(max_length=MAX_OFFERS)
+
+
 class LeaseGrant(BaseModel):
     id: ConnectionId
     expires_at: datetime

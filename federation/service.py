@@ -16,13 +16,19 @@ from federation.client import FederationClient
 from federation.errors import AlreadyFederated, PeerUnreachable
 from federation.join import build_request, fetch_pinned_bundle, send_join, verify_request
 from federation.models import (
+    ConnectionGrant,
+    ConnectionOffer,
+    ConnectionOffers,
     JoinRequest,
     JoinResponse,
+    OfferResults,
     PeerInfo,
     PeerRecord,
     TokenCreate,
     TokenCreated,
+    parse_answer,
 )
+from federation.offers import OfferBatcher
 from federation.peers import PeerTable
 from federation.resolve import DomainResolver
 from federation.tokens import FederationToken, TokenInfo, TokenIssuer
@@ -65,6 +71,7 @@ class Federation:
         self.clock = clock
         self.tokens = TokenIssuer(store, clock)
         self.peers = PeerTable(store, identity, clock)
+        self.offers = OfferBatcher(self._send_offers)
         self.peer_removed: list[Callable[[str], Awaitable[None]]] = []
         """Called with the domain after a peer is forgotten (its connections close)."""
         self.resolver = DomainResolver(
@@ -247,6 +254,16 @@ class Federation:
         log.info("no longer federated with %s", domain)
 
     # --- calls ---------------------------------------------------------------------------
+
+    async def offer(self, domain: str, offer: ConnectionOffer) -> ConnectionGrant:
+        """Ask ``domain`` for a connection (batched with other offers to it, see
+        :mod:`federation.offers`); its grant, or the error it refused the offer with."""
+        return await self.offers.offer(domain, offer)
+
+    async def _send_offers(self, domain: str, offers: list[ConnectionOffer]) -> OfferResults:
+        body = ConnectionOffers(offers=offers).model_dump(mode="json")
+        answer = await self.call(domain, "POST", "/federation/v1/connections", json=body)
+        return parse_answer(OfferResults, answer, domain)
 
     async def call(self, domain: str, method: str, path: str, **kwargs: Any) -> Any:
         """A call to ``domain``'s federation API (resolved through the peer table or DNS)."""

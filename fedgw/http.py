@@ -66,6 +66,13 @@ def error_from_response(status: int, text: str, *, source: str = "") -> FedgwErr
         retryable = bool(body.get("retryable", retryable))
     except (ValueError, KeyError, TypeError):
         detail = " ".join(text.split())[:200] or f"HTTP {status}"
+    return error_of(status, code, detail, retryable=retryable, source=source)
+
+
+def error_of(
+    status: int, code: str | None, detail: str, *, retryable: bool, source: str = ""
+) -> FedgwError:
+    """The error that ``status`` and an error body's fields stand for."""
     cls = _ERROR_OF_STATUS.get(status, FedgwError)
     error = cls(f"{source}: {detail}" if source else detail, retryable=retryable)
     if code:

@@ -40,12 +40,16 @@ from federation.models import (
     LeaseGrant,
     LeaseGrants,
     LeaseRefresh,
+    OfferError,
+    OfferResult,
+    OfferResults,
     WireGuardInfo,
     parse_answer,
 )
 from federation.service import Federation
 from fedgw.clock import Clock, to_datetime
 from fedgw.errors import Conflict, FedgwError, NotFound, Unavailable
+from fedgw.http import status_of
 from fedgw.models import (
     Connection,
     ConnectionEnd,
@@ -518,10 +522,7 @@ class ConnectionManager:
             exclude=record.exclude,
             wireguard=self._our_wireguard(tunnel),
         )
-        answer = await self._federation.call(
-            peer, "POST", "/federation/v1/connections", json=offer.model_dump(mode="json")
-        )
-        grant = self._check_grant(record, parse_answer(ConnectionGrant, answer, peer))
+        grant = self._check_grant(record, await self._federation.offer(peer, offer))
         await self._connect_tunnel(peer, grant.wireguard)
         previous = (c.client.address, c.server.address)
         updated_connection = c.model_copy(
@@ -738,6 +739,23 @@ class ConnectionManager:
         return await self._move(record, ConnectionState.UP, f"wired to {endpoint.name}")
 
     # --- server side ---------------------------------------------------------------------------
+
+    async def serve_offers(self, caller: str, offers: list[ConnectionOffer]) -> OfferResults:
+        """Offers from a peer's clients, served together; each answered on its own."""
+
+        async def one(offer: ConnectionOffer) -> OfferResult:
+            try:
+                return OfferResult(id=offer.id, grant=await self.serve(caller, offer))
+            except FedgwError as exc:
+                status = status_of(exc)
+                if status == 500:
+                    log.error("unmapped error serving %s: %s", offer.id, exc, exc_info=exc)
+                error = OfferError(
+                    status=status, error=exc.code, detail=str(exc), retryable=exc.retryable
+                )
+                return OfferResult(id=offer.id, error=error)
+
+        return OfferResults(results=list(await asyncio.gather(*(one(o) for o in offers))))
 
     async def serve(self, caller: str, offer: ConnectionOffer) -> ConnectionGrant:
         """A peer's client asks for a connection to one of our endpoints."""

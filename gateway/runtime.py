@@ -202,6 +202,7 @@ class Gateway:
             await self._connections.shutdown()
             self._connections = None
         if self._federation is not None:
+            await self._federation.offers.close()
             await self._federation.client.close()
             self._federation = None
         if self._identity is not None:

@@ -8,14 +8,14 @@ from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, Field
 
 from federation.models import (
-    ConnectionGrant,
-    ConnectionOffer,
+    ConnectionOffers,
     FederatedEndpoint,
     FederatedService,
     JoinRequest,
     JoinResponse,
     LeaseGrants,
     LeaseRefresh,
+    OfferResults,
 )
 from fedgw import __version__
 from fedgw.errors import PermissionDenied
@@ -87,11 +87,12 @@ async def peer_leaves(domain: str, gateway: GatewayDep, peer: PeerGateway) -> Re
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/connections", summary="A client of the caller's domain asks for a connection")
-async def offer_connection(
-    offer: ConnectionOffer, gateway: GatewayDep, peer: PeerGateway
-) -> ConnectionGrant:
-    return await gateway.connections.serve(peer.trust_domain, offer)
+@router.post("/connections", summary="Clients of the caller's domain ask for connections")
+async def offer_connections(
+    offers: ConnectionOffers, gateway: GatewayDep, peer: PeerGateway
+) -> OfferResults:
+    """Each offer is answered on its own: a grant, or the error that refused it."""
+    return await gateway.connections.serve_offers(peer.trust_domain, offers.offers)
 
 
 @router.post("/connections/refresh", summary="Extend the leases of the caller's connections")
