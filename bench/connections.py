@@ -7,12 +7,17 @@ In one run (root; a lab named ``bconn`` is built and always taken down):
   (``POST /v1/connections`` on cluster1's local API until it answers ``up``);
 * the baseline, in the same run and lab: local connections inside cluster2 (the same
   gateway code and data plane, but no federation call and no tunnel);
+* 100 more cross-domain connections made one at a time: the latency of a request that
+  does not queue behind others (at concurrency 16, Little's law makes the mean latency
+  16 / setups-per-second);
+* the CPU time each gateway spends per cross-domain connection;
 * gateway RSS of both gateways at the end;
 * a sample of the connections checked for traffic (ping through the tunnel);
 * the serving gateway restarted (SIGTERM, start): how long it takes to be ready, and
   then until traffic flows again, with a ping running through it all.
 
     .venv/bin/python -m bench.connections [--connections 1000] [--concurrency 16]
+        [--unloaded 100]
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workloads", type=int, default=50, help="client namespaces")
     parser.add_argument("--baseline", type=int, default=300, help="local connections")
+    parser.add_argument(
+        "--unloaded", type=int, default=100, help="cross-domain connections made one at a time"
+    )
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up (to debug)")
     args = parser.parse_args()
     lab = Lab("bconn")
@@ -114,6 +122,11 @@ async def main() -> None:
             name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / args.connections
             for name, pid in pids.items()
         }
+        # One at a time: what a single request costs when nothing queues before it.
+        one_lat, one_wall, one_made = await connect_many(
+            lab, "cluster1", "vpn@cluster2", clients, args.unloaded, 1
+        )
+        made += one_made
         status = await lab.status()
         rss = {c.name: rss_mib(c.gateway_pid) for c in status.clusters}
 
@@ -170,6 +183,7 @@ async def main() -> None:
                 args.baseline,
                 base_wall,
             ),
+            (f"{args.unloaded} cross-domain, one at a time", one_lat, args.unloaded, one_wall),
         ):
             p50, p99 = pct(samples, 0.5) * 1000, pct(samples, 0.99) * 1000
             print(f"  {label:44} {p50:7.1f}ms {p99:7.1f}ms {n / seconds:9.1f}")
