@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import grp
 import logging
 import os
@@ -234,6 +235,10 @@ async def _serve_until(
             log.info("%s listening on %s", listener.what, listener.address)
         if ready is not None:
             ready(gateway)
+        # What starting made (modules, apps, schemas, the state loaded) lives as long as
+        # the process: keep the collector's full passes from walking it again. They
+        # stalled the event loop for 60-90 ms at a time under load.
+        gc.freeze()
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({stop, *running}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
