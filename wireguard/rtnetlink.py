@@ -300,10 +300,10 @@ def _link_attrs(name: str, mac: str | None, mtu: int | None) -> bytes:
     return out
 
 
-def new_link(name: str, kind: str, *, up: bool = False, data: bytes = b"") -> Request:
+def new_link(name: str, kind: str) -> Request:
     """A link of ``kind`` (``bridge``, ``wireguard``, ...); EEXIST if the name is taken."""
-    info = attr_str(IFLA_INFO_KIND, kind) + (attr(IFLA_INFO_DATA, data) if data else b"")
-    body = _ifinfo(up=up or None) + attr_str(IFLA_IFNAME, name) + attr(IFLA_LINKINFO, info)
+    info = attr_str(IFLA_INFO_KIND, kind)
+    body = _ifinfo() + attr_str(IFLA_IFNAME, name) + attr(IFLA_LINKINFO, info)
     return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"add {kind} {name}")
 
 
@@ -326,7 +326,8 @@ def new_veth(
     info = attr_str(IFLA_INFO_KIND, "veth")
     info += attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
     body = _ifinfo(up=up or None) + _link_attrs(name, mac, mtu) + attr(IFLA_LINKINFO, info)
-    return Request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body, f"add veth {name} (peer {peer})")
+    flags = NLM_F_CREATE | NLM_F_EXCL | NLM_F_ECHO
+    return Request(RTM_NEWLINK, flags, body, f"add veth {name} (peer {peer})")
 
 
 def set_link(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import platform
 
 import pytest
 
@@ -113,3 +114,25 @@ async def test_the_kernel_says_why_a_request_failed() -> None:
         assert reply.message and "gateway" in reply.message  # the extended ack's text
     finally:
         sock.close()
+
+
+def _kernel() -> tuple[int, int]:
+    major, minor = platform.release().split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+@needs_root
+async def test_a_new_veth_is_echoed_with_its_peers_index() -> None:
+    sock = await _socket()
+    try:
+        (made,) = await sock.exchange([nl.new_veth("fgwt-a", "fgwt-b")])
+        (peer,) = await sock.exchange([nl.get_link("fgwt-b")])
+    finally:
+        sock.close()
+    assert made.error == 0
+    if _kernel() < (6, 3):
+        pytest.skip("kernels before 6.3 do not echo new links")
+    [(kind, payload)] = made.messages
+    echoed = nl.parse_link(payload)
+    assert (kind, echoed.name, echoed.kind) == (nl.RTM_NEWLINK, "fgwt-a", "veth")
+    assert echoed.link == nl.parse_link(peer.messages[0][1]).index
