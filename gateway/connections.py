@@ -569,11 +569,7 @@ class ConnectionManager:
         What it no longer has goes down and heals; when it cannot be reached, the
         connections stay up while their leases last (the data plane does not need it)."""
         self._refresh_at.pop(peer, None)
-        ids = [
-            r.connection.id
-            for r in self._connections.values()
-            if r.role == "client" and r.peer == peer and r.connection.state is ConnectionState.UP
-        ]
+        ids = self._up_clients(peer)
         for start in range(0, len(ids), MAX_REFRESH):
             chunk = ids[start : start + MAX_REFRESH]
             try:
@@ -604,6 +600,17 @@ class ConnectionManager:
                 [cid for cid in grants.unknown if cid in chunk],
                 f"{peer} no longer has the connection (endpoint gone or lease lost)",
             )
+        if peer not in self._refresh_at and self._up_clients(peer):
+            # None was extended (each was busy): whatever is still up is tried again soon.
+            self._refresh_at[peer] = now + self._refresh_retry
+
+    def _up_clients(self, peer: str) -> list[str]:
+        """Our connections to ``peer`` that are up."""
+        return [
+            r.connection.id
+            for r in self._connections.values()
+            if r.role == "client" and r.peer == peer and r.connection.state is ConnectionState.UP
+        ]
 
     async def _extended(self, peer: str, grant: LeaseGrant) -> None:
         lock = self._lock(grant.id)
