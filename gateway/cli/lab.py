@@ -28,8 +28,8 @@ NameOption = Annotated[
 
 
 def _lab(name: str, *, verbose: bool = True) -> Lab:
-    # Imported here: pyroute2 takes a tenth of a second to import, and only the lab
-    # commands need it.
+    # Imported here: the lab (with httpx and the data plane) takes a third of a second
+    # to import, and only the lab commands need it.
     from clusters.lab import Lab
 
     if not verbose:
