@@ -24,14 +24,15 @@ from typing import TypeVar
 
 from wireguard import rtnetlink as nl
 from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
+from wireguard.rtnetlink import Address as Address
+from wireguard.rtnetlink import Interface as Interface
+from wireguard.rtnetlink import Network as Network
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 IFNAMSIZ = 15  # usable characters of an interface name
 
 T = TypeVar("T")
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -222,8 +223,6 @@ async def in_throwaway_netns(fn: Callable[[], T]) -> T:
 
 
 # --- records ----------------------------------------------------------------------------
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,11 +24,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # netlink(7)
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x2, 0x4, 0x8
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_ECHO = 0x1, 0x4, 0x8
 NLM_F_DUMP_INTR = 0x10
 NLM_F_DUMP = 0x300
 NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
@@ -393,8 +394,6 @@ def parse_link(payload: bytes) -> LinkMessage:
 
 
 # --- addresses ---------------------------------------------------------------------------
-
-Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 def _ifaddr(iface: Interface, index: int, flags: int = 0) -> bytes:
