@@ -4,6 +4,8 @@ limited to 107 bytes), each store, gateways in-process and as real processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -31,6 +33,15 @@ from gateway.store.sqlite import SqliteStore
 pytest_plugins = ["clusters.pytest_plugin"]
 
 FEDGW = str(Path(sys.executable).with_name("fedgw"))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """After a green run pytest removes its temporary directories, but not the per-user
+    folder it made them in; that goes too when nothing else is in it."""
+    folder = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+    with contextlib.suppress(OSError):  # not there, or holding a failed run's leftovers
+        folder.rmdir()
 
 
 @pytest.fixture

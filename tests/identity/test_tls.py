@@ -148,12 +148,12 @@ async def test_known_bad_client_svids_fail_in_a_real_handshake(
 
 
 async def test_openssl_alone_accepts_a_forged_id_that_verify_peer_refuses(
-    pki: Pki, server_svid: X509Svid, bad_cert_dir: Path
+    pki: Pki, server_svid: X509Svid, bad_cert_dir: Path, tmp_path: Path
 ) -> None:
     """Why the SPIFFE check must run: a pool of all bundles trusts cluster2's CA, which
     signed a certificate claiming cluster1."""
     plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    plain.load_cert_chain(*_files(server_svid, bad_cert_dir.parent))
+    plain.load_cert_chain(*_files(server_svid, tmp_path))
     plain.load_verify_locations(cadata=_pem(*pki.bundles().authorities()))
     plain.verify_mode = ssl.CERT_REQUIRED
     name = "wrong-claims-cluster1-signed-by-cluster2"
