@@ -26,7 +26,9 @@ from wireguard import rtnetlink as nl
 from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
 from wireguard.rtnetlink import Address as Address
 from wireguard.rtnetlink import Interface as Interface
+from wireguard.rtnetlink import Link as Link
 from wireguard.rtnetlink import Network as Network
+from wireguard.rtnetlink import Rule as Rule
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
@@ -226,41 +228,6 @@ async def in_throwaway_netns(fn: Callable[[], T]) -> T:
 
 
 @dataclass(frozen=True, slots=True)
-class Link:
-    """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
-
-    index: int
-    name: str
-    kind: str | None
-    up: bool
-    mtu: int
-    master: int | None = None
-    mac: str | None = None
-    peer_index: int | None = None
-    """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """A policy-routing rule; ``protocol`` tags its owner and is not part of equality."""
-
-    priority: int
-    family: int
-    """4 or 6."""
-    table: int = 0
-    action: str = "lookup"
-    """``lookup`` (in ``table``), ``blackhole``, ``unreachable`` or ``prohibit``."""
-    iif: str | None = None
-    src: Network | None = None
-    protocol: int = field(default=0, compare=False)
-
-    def spec(self) -> nl.RuleSpec:
-        return nl.RuleSpec(
-            self.priority, self.family, self.table, self.action, self.iif, self.src, self.protocol
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class Route:
     """A route in one table; ``via`` routes are on-link (the next hop needs no
     connected route). ``protocol`` tags its owner and is not part of equality."""
@@ -417,7 +384,7 @@ class Rtnl:
     async def link(self, ifname: str) -> Link | None:
         """The link ``ifname``, or None if there is none."""
         found = await self._get(nl.get_link(ifname), missing=_NO_LINK)
-        return _link(found[0]) if found else None
+        return nl.parse_link(found[0]) if found else None
 
     async def find(self, ifname: str) -> int | None:
         if self._indexes is not None and ifname in self._indexes:
@@ -436,7 +403,7 @@ class Rtnl:
         return index
 
     async def links(self) -> list[Link]:
-        return [_link(payload) for payload in await self._dump(nl.dump_links())]
+        return [nl.parse_link(payload) for payload in await self._dump(nl.dump_links())]
 
     async def _names(self) -> dict[int, str]:
         return {link.index: link.name for link in await self.links()}
@@ -510,7 +477,7 @@ class Rtnl:
                 os.close(fd)
         if reply.error:
             raise self._failed(request, reply)
-        echoed = [_link(p) for kind, p in reply.messages if kind == nl.RTM_NEWLINK]
+        echoed = [nl.parse_link(p) for kind, p in reply.messages if kind == nl.RTM_NEWLINK]
         link = echoed[0] if echoed else await self.link(ifname)  # no echo before Linux 6.3
         if link is None:
             raise LinkNotFound(f"veth {ifname} vanished as it was made in {self.where}")
@@ -685,7 +652,7 @@ class Rtnl:
         if spec is None or spec.oif is None:
             return None
         link = await self._get(nl.get_link_by_index(spec.oif), missing=_NO_LINK)
-        return _link(link[0]).mtu if link else None
+        return nl.parse_link(link[0]).mtu if link else None
 
     # --- rules -------------------------------------------------------------------------
 
@@ -698,36 +665,19 @@ class Rtnl:
 
     def rule_request(self, rule: Rule) -> nl.Request:
         """Adding ``rule``; EEXIST (an equal rule is there) is not a failure."""
-        return replace(nl.add_rule(rule.spec(), str(rule)), ignore=_EXISTS)
+        return replace(nl.add_rule(rule), ignore=_EXISTS)
 
     async def delete_rule(self, rule: Rule) -> bool:
         """False if there was no such rule."""
         return (await self.delete_rules([rule]))[0]
 
     async def delete_rules(self, rules: Iterable[Rule]) -> list[bool]:
-        return await self.batch(
-            [replace(nl.delete_rule(r.spec(), str(r)), ignore=_NO_ENTRY) for r in rules]
-        )
+        return await self.batch([replace(nl.delete_rule(r), ignore=_NO_ENTRY) for r in rules])
 
     async def rules(self, family: int | None = None) -> list[Rule]:
         """The rules of both families (or of ``family``)."""
-        out = []
-        for payload in await self._dump(nl.dump_rules()):
-            spec = nl.parse_rule(payload)
-            if spec is None or (family is not None and spec.family != family):
-                continue
-            out.append(
-                Rule(
-                    spec.priority,
-                    spec.family,
-                    spec.table,
-                    spec.action,
-                    spec.iif,
-                    spec.src,
-                    spec.protocol,
-                )
-            )
-        return out
+        parsed = (nl.parse_rule(payload) for payload in await self._dump(nl.dump_rules()))
+        return [r for r in parsed if r is not None and (family is None or r.family == family)]
 
     # --- neighbours --------------------------------------------------------------------
 
@@ -773,17 +723,3 @@ _NO_ADDRESS = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV})
 _NO_ROUTE = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV})
 _NO_NEIGHBOUR = frozenset({errno.ENOENT, errno.ENODEV})
 _NO_PATH = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESRCH})
-
-
-def _link(payload: bytes) -> Link:
-    msg = nl.parse_link(payload)
-    return Link(
-        index=msg.index,
-        name=msg.name,
-        kind=msg.kind,
-        up=msg.up,
-        mtu=msg.mtu,
-        master=msg.master,
-        mac=msg.mac,
-        peer_index=msg.link,
-    )

@@ -364,24 +364,26 @@ def delete_link(index: int, name: str) -> Request:
 
 
 @dataclass(frozen=True, slots=True)
-class LinkMessage:
+class Link:
+    """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
+
     index: int
     name: str
     kind: str | None
     up: bool
     mtu: int
-    master: int | None
-    mac: str | None
-    link: int | None
+    master: int | None = None
+    mac: str | None = None
+    peer_index: int | None = None
     """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
 
 
-def parse_link(payload: bytes) -> LinkMessage:
+def parse_link(payload: bytes) -> Link:
     _, _, index, flags, _ = IFINFO.unpack_from(payload)
     attrs = parse_attrs(payload, IFINFO.size)
     info = attrs.get(IFLA_LINKINFO)
     kind = cstr(parse_attrs(info).get(IFLA_INFO_KIND)) if info is not None else None
-    return LinkMessage(
+    return Link(
         index=index,
         name=cstr(attrs.get(IFLA_IFNAME)) or "",
         kind=kind,
@@ -389,7 +391,7 @@ def parse_link(payload: bytes) -> LinkMessage:
         mtu=u32(attrs.get(IFLA_MTU)) or 0,
         master=u32(attrs.get(IFLA_MASTER)),
         mac=mac_str(attrs.get(IFLA_ADDRESS)),
-        link=u32(attrs.get(IFLA_LINK)),
+        peer_index=u32(attrs.get(IFLA_LINK)),
     )
 
 
@@ -525,17 +527,21 @@ def parse_route(payload: bytes) -> RouteSpec | None:
 
 
 @dataclass(frozen=True, slots=True)
-class RuleSpec:
+class Rule:
+    """A policy-routing rule; ``protocol`` tags its owner and is not part of equality."""
+
     priority: int
     family: int
+    """4 or 6."""
     table: int = 0
     action: str = "lookup"
+    """``lookup`` (in ``table``), ``blackhole``, ``unreachable`` or ``prohibit``."""
     iif: str | None = None
     src: Network | None = None
-    protocol: int = 0
+    protocol: int = field(default=0, compare=False)
 
 
-def _rule_body(rule: RuleSpec) -> bytes:
+def _rule_body(rule: Rule) -> bytes:
     action = RULE_ACTIONS.get(rule.action)
     if action is None:
         raise ValueError(f"rule action {rule.action!r} is not one of {sorted(RULE_ACTIONS)}")
@@ -554,19 +560,19 @@ def _rule_body(rule: RuleSpec) -> bytes:
     return body
 
 
-def add_rule(rule: RuleSpec, what: str) -> Request:
-    return Request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, _rule_body(rule), f"add rule {what}")
+def add_rule(rule: Rule) -> Request:
+    return Request(RTM_NEWRULE, NLM_F_CREATE | NLM_F_EXCL, _rule_body(rule), f"add rule {rule}")
 
 
-def delete_rule(rule: RuleSpec, what: str) -> Request:
-    return Request(RTM_DELRULE, 0, _rule_body(rule), f"delete rule {what}")
+def delete_rule(rule: Rule) -> Request:
+    return Request(RTM_DELRULE, 0, _rule_body(rule), f"delete rule {rule}")
 
 
 def dump_rules() -> Request:
     return Request(RTM_GETRULE, NLM_F_DUMP, FIBRULE.pack(0, 0, 0, 0, 0, 0, 0, 0, 0), "list rules")
 
 
-def parse_rule(payload: bytes) -> RuleSpec | None:
+def parse_rule(payload: bytes) -> Rule | None:
     family, _, src_len, _, table_byte, _, _, action, _ = FIBRULE.unpack_from(payload)
     version = VERSION.get(family)
     if version is None:
@@ -574,7 +580,7 @@ def parse_rule(payload: bytes) -> RuleSpec | None:
     attrs = parse_attrs(payload, FIBRULE.size)
     src = attrs.get(FRA_SRC)
     protocol = attrs.get(FRA_PROTOCOL)
-    return RuleSpec(
+    return Rule(
         priority=u32(attrs.get(FRA_PRIORITY)) or 0,
         family=version,
         table=u32(attrs.get(FRA_TABLE)) or table_byte,

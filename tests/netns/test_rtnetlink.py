@@ -43,13 +43,15 @@ def test_a_route_of_an_unknown_type_is_refused() -> None:
 @pytest.mark.parametrize(
     "rule",
     [
-        nl.RuleSpec(1000, 4, table=1200, iif="fgw-abc", src=NETS[0], protocol=99),
-        nl.RuleSpec(1002, 6, action="blackhole", iif="fgw-abc", protocol=99),
-        nl.RuleSpec(1001, 6, table=70000, src=NETS[1]),
+        nl.Rule(1000, 4, table=1200, iif="fgw-abc", src=NETS[0], protocol=99),
+        nl.Rule(1002, 6, action="blackhole", iif="fgw-abc", protocol=99),
+        nl.Rule(1001, 6, table=70000, src=NETS[1]),
     ],
 )
-def test_a_rule_parses_back(rule: nl.RuleSpec) -> None:
-    assert nl.parse_rule(_payload(nl.add_rule(rule, "r"))) == rule
+def test_a_rule_parses_back(rule: nl.Rule) -> None:
+    parsed = nl.parse_rule(_payload(nl.add_rule(rule)))
+    assert parsed == rule
+    assert parsed.protocol == rule.protocol  # not part of equality
 
 
 def test_an_address_and_a_neighbour_parse_back() -> None:
@@ -135,4 +137,4 @@ async def test_a_new_veth_is_echoed_with_its_peers_index() -> None:
     [(kind, payload)] = made.messages
     echoed = nl.parse_link(payload)
     assert (kind, echoed.name, echoed.kind) == (nl.RTM_NEWLINK, "fgwt-a", "veth")
-    assert echoed.link == nl.parse_link(peer.messages[0][1]).index
+    assert echoed.peer_index == nl.parse_link(peer.messages[0][1]).index
