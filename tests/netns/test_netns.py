@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import secrets
 from collections.abc import AsyncIterator
 
@@ -115,3 +116,21 @@ async def test_processes_found_by_namespace(pair: tuple[str, str]) -> None:
         proc.kill()
         await proc.wait()
     assert netns_pids([a]) == {}
+
+
+async def test_a_session_leaves_the_thread_in_its_own_namespace(pair: tuple[str, str]) -> None:
+    """The socket of a session in another namespace is made on the calling thread, on
+    a visit there: the thread (here, the event loop's) must be back home afterwards,
+    also when the namespace is missing, and the socket must work where it was made."""
+    a, _ = pair
+    home = os.stat("/proc/thread-self/ns/net").st_ino
+    async with Rtnl(a) as rtnl:
+        assert os.stat("/proc/thread-self/ns/net").st_ino == home
+        await rtnl.add_veth("fgwn-v0", "fgwn-v1")
+        assert {link.name for link in await rtnl.links()} == {"lo", "fgwn-v0", "fgwn-v1"}
+    with pytest.raises(NamespaceNotFound):
+        async with Rtnl("fgwn-missing"):
+            pass
+    assert os.stat("/proc/thread-self/ns/net").st_ino == home
+    async with Rtnl() as here:
+        assert "fgwn-v0" not in {link.name for link in await here.links()}
