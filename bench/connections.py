@@ -96,6 +96,8 @@ async def main() -> None:
     )
     parser.add_argument("--keep-lab", action="store_true", help="leave the lab up (to debug)")
     args = parser.parse_args()
+    if min(args.connections, args.concurrency, args.workloads, args.baseline, args.unloaded) < 1:
+        parser.error("every count must be at least 1")
     lab = Lab("bconn")
     await lab.down()
     try:
@@ -203,9 +205,14 @@ async def main() -> None:
             + ", ".join(f"{k} {v:.1f} ms" for k, v in cpu_ms.items())
         )
         print(f"  sample checked for traffic: {passing}/{len(sample)} answer a ping")
+        flowing = (
+            "not within 100 pings"
+            if flowing_after_ready is None
+            else f"{flowing_after_ready:.3f}s after ready"
+        )
         print(
             f"  serving gateway restart: stopped in {t_start - t_stop:.2f}s, ready after "
-            f"{t_ready - t_start:.2f}s; traffic flowing {flowing_after_ready}s after ready; "
+            f"{t_ready - t_start:.2f}s; traffic flowing {flowing}; "
             f"ping through it all: {received}/400 answered; {up_after} connections up after"
         )
     finally:

@@ -9,7 +9,8 @@ a 1500-byte veth underlay, endpoint E), with the same wireguard-go driver:
   adds is the policy routing and the guards), and against plain veths routed over the
   underlay without WireGuard (the ceiling of this machine, MTU 1500). The three paths
   coexist and rounds alternate between them, so that load from elsewhere hits all;
-  medians are reported.
+  medians are reported. The three again while the N wires below are all up: every
+  packet through a gateway namespace meets the policy rules of every wire there.
 * latency of wiring a connection (attach_endpoint on B + attach_client on A) and of
   removing it (detach on both), p50/p99 over N wires that all stay up until the last
   is made (so late ones are made next to N-1 others), with one offered route each;
@@ -215,24 +216,25 @@ class Bench:
         )
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
-    async def throughput(self) -> dict[str, list[float]]:
-        self.iperf = await asyncio.create_subprocess_exec(
-            "ip",
-            "netns",
-            "exec",
-            self.ns("e"),
-            "iperf3",
-            "-s",
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        await asyncio.sleep(0.5)
+    async def throughput(self, rounds: int) -> dict[str, list[float]]:
+        if self.iperf is None:
+            self.iperf = await asyncio.create_subprocess_exec(
+                "ip",
+                "netns",
+                "exec",
+                self.ns("e"),
+                "iperf3",
+                "-s",
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            await asyncio.sleep(0.5)
         paths = {"fedgw wire": "172.16.1.0", "hand-made wg": "10.99.3.2", "plain veth": "10.98.3.2"}
         for dst in paths.values():  # warm-up: handshakes, ARP
             await run("ip", "netns", "exec", self.ns("c"), "ping", "-c", "1", "-W", "2", dst)
         results: dict[str, list[float]] = {k: [] for k in paths}
         order = list(paths)
-        for r in range(self.args.rounds):
+        for r in range(rounds):
             for name in order[r % 3 :] + order[: r % 3]:
                 results[name].append(await self.iperf3(paths[name]))
             print(
@@ -243,7 +245,9 @@ class Bench:
 
     # --- latency -------------------------------------------------------------------------------
 
-    async def latency(self) -> tuple[list[float], list[float]]:
+    async def latency(self) -> tuple[list[float], list[float], dict[str, list[float]]]:
+        """Set-up and teardown times of ``--wires`` wires, and the throughput of the three
+        paths while all those wires are up."""
         a, b = self.dp["gwa"], self.dp["gwb"]
         wires = []
         for n in range(self.args.wires):
@@ -272,12 +276,16 @@ class Bench:
             "ip", "netns", "exec", self.ns("c"), "ping", "-c", "1", "-W", "2", str(last)
         )
         assert " 0% packet loss" in out, out
+        # Every packet through a gateway namespace meets the policy rules of all its
+        # wires (the kernel walks rules as a list): throughput with all of them there.
+        print(f"throughput with {len(wires)} wires up:", file=sys.stderr)
+        crowded = await self.throughput(max(2, self.args.rounds // 2))
         for cw, _ in wires:
             started = time.perf_counter()
             await a.detach(cw.connection_id)
             await b.detach(cw.connection_id)
             teardown.append(time.perf_counter() - started)
-        return setup, teardown
+        return setup, teardown, crowded
 
     async def veth_floor(self, n: int = 100) -> tuple[list[float], list[float]]:
         """Two bare veth pairs (into C and into E) made and deleted, as a wire has."""
@@ -341,18 +349,19 @@ async def main() -> None:
             f"{args.rounds} x {args.seconds} s per path:",
             file=sys.stderr,
         )
-        tput = await bench.throughput()
+        tput = await bench.throughput(args.rounds)
         print(f"latency over {args.wires} wires...", file=sys.stderr)
-        setup, teardown = await bench.latency()
+        setup, teardown, crowded = await bench.latency()
         floor_made, floor_deleted = await bench.veth_floor()
     finally:
         left = await bench.cleanup()
-    report(args, tput, setup, teardown, floor_made, floor_deleted, left)
+    report(args, tput, crowded, setup, teardown, floor_made, floor_deleted, left)
 
 
 def report(
     args: argparse.Namespace,
     tput: dict[str, list[float]],
+    crowded: dict[str, list[float]],
     setup: list[float],
     teardown: list[float],
     floor_made: list[float],
@@ -370,6 +379,10 @@ def report(
         f"(median of per-round ratios {statistics.median(paired):.3f}; goal >= 0.95)"
     )
     print(f"  fedgw / plain veth:   {med['fedgw wire'] / med['plain veth']:.3f}")
+    print(f"\nthe same with {args.wires} more wires up, {len(crowded['fedgw wire'])} runs per path")
+    for name, samples in crowded.items():
+        crowded_med = statistics.median(samples)
+        print(f"  {name:14} median {crowded_med:6.2f}   {crowded_med / med[name]:.2f} of the above")
     print(f"\nlatency (ms), {args.wires} wires; floor over {len(floor_made)} pairs of veths")
     for name, samples in (
         ("setup: attach_endpoint + attach_client", setup),
