@@ -9,8 +9,9 @@ a 1500-byte veth underlay, endpoint E), with the same wireguard-go driver:
   adds is the policy routing and the guards), and against plain veths routed over the
   underlay without WireGuard (the ceiling of this machine, MTU 1500). The three paths
   coexist and rounds alternate between them, so that load from elsewhere hits all;
-  medians are reported. The three again while the N wires below are all up: every
-  packet through a gateway namespace meets the policy rules of every wire there.
+  medians are reported. The three again while the N wires below are all up (every
+  packet through a gateway namespace meets the policy rules of every wire there), and
+  through the last of those wires.
 * latency of wiring a connection (attach_endpoint on B + attach_client on A) and of
   removing it (detach on both), p50/p99 over N wires that all stay up until the last
   is made (so late ones are made next to N-1 others), with one offered route each;
@@ -216,7 +217,9 @@ class Bench:
         )
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
-    async def throughput(self, rounds: int) -> dict[str, list[float]]:
+    async def throughput(
+        self, rounds: int, extra: dict[str, str] | None = None
+    ) -> dict[str, list[float]]:
         if self.iperf is None:
             self.iperf = await asyncio.create_subprocess_exec(
                 "ip",
@@ -230,12 +233,13 @@ class Bench:
             )
             await asyncio.sleep(0.5)
         paths = {"fedgw wire": "172.16.1.0", "hand-made wg": "10.99.3.2", "plain veth": "10.98.3.2"}
+        paths |= extra or {}
         for dst in paths.values():  # warm-up: handshakes, ARP
             await run("ip", "netns", "exec", self.ns("c"), "ping", "-c", "1", "-W", "2", dst)
         results: dict[str, list[float]] = {k: [] for k in paths}
         order = list(paths)
         for r in range(rounds):
-            for name in order[r % 3 :] + order[: r % 3]:
+            for name in order[r % len(order) :] + order[: r % len(order)]:
                 results[name].append(await self.iperf3(paths[name]))
             print(
                 f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in results.items()),
@@ -277,9 +281,12 @@ class Bench:
         )
         assert " 0% packet loss" in out, out
         # Every packet through a gateway namespace meets the policy rules of all its
-        # wires (the kernel walks rules as a list): throughput with all of them there.
+        # wires (the kernel walks rules as a list): throughput with all of them there,
+        # through the first wire (made before them) and through the last.
         print(f"throughput with {len(wires)} wires up:", file=sys.stderr)
-        crowded = await self.throughput(max(2, self.args.rounds // 2))
+        crowded = await self.throughput(
+            max(2, self.args.rounds // 2), {"fedgw, last wire": str(last)}
+        )
         for cw, _ in wires:
             started = time.perf_counter()
             await a.detach(cw.connection_id)
@@ -382,7 +389,8 @@ def report(
     print(f"\nthe same with {args.wires} more wires up, {len(crowded['fedgw wire'])} runs per path")
     for name, samples in crowded.items():
         crowded_med = statistics.median(samples)
-        print(f"  {name:14} median {crowded_med:6.2f}   {crowded_med / med[name]:.2f} of the above")
+        alone = med.get(name, med["fedgw wire"])
+        print(f"  {name:16} median {crowded_med:6.2f}   {crowded_med / alone:.2f} of the above")
     print(f"\nlatency (ms), {args.wires} wires; floor over {len(floor_made)} pairs of veths")
     for name, samples in (
         ("setup: attach_endpoint + attach_client", setup),

@@ -35,6 +35,8 @@ from wireguard.errors import (
 )
 from wireguard.netns import Link, Neighbour, Route, Rtnl, Rule, in_netns
 from wireguard.routing import (
+    FROM_LINK,
+    FROM_PEER,
     PRIORITY_SPAN,
     TUNNEL_LETTER,
     Allowed,
@@ -113,7 +115,10 @@ class DataplaneSettings(BaseModel):
     table_base: int = Field(100_000, ge=1, description="first routing table fedgw uses")
     table_count: int = Field(100_000, ge=16, description="how many tables fedgw may use")
     rule_priority: int = Field(
-        20_000, ge=1, le=32765 - PRIORITY_SPAN, description="fedgw's rules take 3 priorities"
+        20_000,
+        ge=1,
+        le=32765 - PRIORITY_SPAN,
+        description=f"fedgw's rules take {PRIORITY_SPAN} priorities from here",
     )
     route_protocol: int = Field(
         147, ge=5, le=255, description="protocol number tagging fedgw's routes and rules"
@@ -865,9 +870,9 @@ class _Reconciliation:
             if rule.action != "lookup" or rule.iif is None:
                 continue
             key: TableKey | None = None
-            if rule.iif in tunnels and rule.priority == base + 1 and rule.src is None:
+            if rule.iif in tunnels and rule.priority == base + FROM_LINK and rule.src is None:
                 key = ("peer", tunnels[rule.iif])
-            elif rule.priority == base and rule.src is not None:
+            elif rule.priority == base + FROM_PEER and rule.src is not None:
                 cid = by_source.get((rule.iif, rule.src))
                 key = ("connection", cid) if cid is not None else None
             elif rule.iif in veths and veths[rule.iif].peer is None:

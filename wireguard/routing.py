@@ -35,13 +35,19 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   is told apart by the client's source address.
 # - Rules, at ``base`` (``P``) and up::
 #
-#       P+0  iif <peer wg> from <client address> lookup T(connection)   endpoint wires
-#       P+1  iif <peer wg> lookup T(peer)                               per peer
-#       P+1  iif <veth> from <what the workload may send from> lookup T(peer or connection)
-#       P+2  iif <veth> blackhole                                      IPv4 and IPv6
+#       P+0  iif lo goto P+4                                            IPv4 and IPv6
+#       P+1  iif <peer wg> from <client address> lookup T(connection)   endpoint wires
+#       P+2  iif <peer wg> lookup T(peer)                               per peer
+#       P+2  iif <veth> from <what the workload may send from> lookup T(peer or connection)
+#       P+3  iif <veth> blackhole                                      IPv4 and IPv6
+#       P+4  nop                                                        IPv4 and IPv6
 #
-#   The last rule drops what a workload sends from an address it was not given, before
-#   the main table could forward it to the underlay. Every table ends in an
+#   The kernel walks rules as a list, every lookup, so each wire's rules cost every
+#   packet routed in this namespace. P+0 spares locally made packets, WireGuard's
+#   encrypted datagrams among them: none of the rules in between can match them (they
+#   all name an input interface), so they jump to the ``nop`` at P+4 and go on from
+#   there. The P+3 rules drop what a workload sends from an address it was not given,
+#   before the main table could forward it to the underlay. Every table ends in an
 #   ``unreachable default`` (both families), so that nothing falls through either.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
 #   priority is in ``P..P+2`` and their table in fedgw's range; routes when their table
@@ -49,8 +55,8 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 
 MAX_PREFIX = 6
 """At most 6 characters, so that 8 or more remain for a hash in a 15-character name."""
-FROM_PEER, FROM_LINK, GUARD = 0, 1, 2
-PRIORITY_SPAN = 3
+SKIP, FROM_PEER, FROM_LINK, GUARD, SKIPPED = 0, 1, 2, 3, 4
+PRIORITY_SPAN = 5
 DEFAULTS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 _ROLE_LETTER: dict[Role, str] = {"client": "c", "endpoint": "e"}
 TUNNEL_LETTER = "w"
@@ -194,9 +200,12 @@ def object_key(obj: GatewayObject) -> Hashable:
 
 def describe(obj: GatewayObject) -> str:
     if isinstance(obj, Rule):
+        iif = f" iif {obj.iif}" if obj.iif else ""
         src = f" from {obj.src}" if obj.src else ""
-        target = f"lookup {obj.table}" if obj.action == "lookup" else obj.action
-        return f"rule {obj.priority}: iif {obj.iif}{src} {target} (IPv{obj.family})"
+        target = {"lookup": f"lookup {obj.table}", "goto": f"goto {obj.target}"}
+        return (
+            f"rule {obj.priority}:{iif}{src} {target.get(obj.action, obj.action)} (IPv{obj.family})"
+        )
     if isinstance(obj, Route):
         if obj.kind != "unicast":
             return f"route {obj.kind} {obj.dst} table {obj.table}"
@@ -276,6 +285,19 @@ class Policy:
     def defaults(self, table: int) -> list[Route]:
         return [self.route(dst, table, kind="unreachable") for dst in DEFAULTS]
 
+    def skip_rules(self) -> list[Rule]:
+        """What lets locally made packets past every tunnel's and wire's rules (see the
+        module's comments); shared by all tunnels and wires."""
+        target = self.priority + SKIPPED
+        return [
+            rule
+            for family in (4, 6)
+            for rule in (
+                self.rule(SKIP, family, action="goto", iif="lo", target=target),
+                self.rule(SKIPPED, family, action="nop"),
+            )
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class TunnelPlan:
@@ -293,6 +315,7 @@ def plan_tunnel(domain: str, naming: Naming, policy: Policy, table: int) -> Tunn
         policy.rule(FROM_LINK, family, table=table, iif=iface) for family in (4, 6)
     ]
     objects += policy.defaults(table)
+    objects += policy.skip_rules()
     return TunnelPlan(domain, iface, table, tuple(objects))
 
 
@@ -354,7 +377,7 @@ def plan_wire(
         outbound = table(("peer", wire.peer))
         inbound = outbound if isinstance(wire, ClientWire) else table(("connection", cid))
 
-    objects: list[GatewayObject] = [Neighbour(veth, own.ip, workload_mac)]
+    objects: list[GatewayObject] = [Neighbour(veth, own.ip, workload_mac), *policy.skip_rules()]
     # Delivery into the veth: the workload's address, and for an endpoint what it offers.
     objects.append(policy.route(own_host, inbound, dev=veth))
     sources: list[Network] = [own_host]

@@ -63,8 +63,8 @@ RTNH_F_ONLINK = 4
 ROUTE_TYPES = {"unicast": 1, "local": 2, "blackhole": 6, "unreachable": 7, "prohibit": 8}
 ROUTE_KINDS = {v: k for k, v in ROUTE_TYPES.items()}
 
-FRA_SRC, FRA_IIFNAME, FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL = 2, 3, 6, 15, 21
-RULE_ACTIONS = {"lookup": 1, "blackhole": 6, "unreachable": 7, "prohibit": 8}
+FRA_SRC, FRA_IIFNAME, FRA_GOTO, FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL = 2, 3, 4, 6, 15, 21
+RULE_ACTIONS = {"lookup": 1, "goto": 2, "nop": 3, "blackhole": 6, "unreachable": 7, "prohibit": 8}
 RULE_NAMES = {v: k for k, v in RULE_ACTIONS.items()}
 
 NDA_DST, NDA_LLADDR = 1, 2
@@ -535,9 +535,11 @@ class Rule:
     """4 or 6."""
     table: int = 0
     action: str = "lookup"
-    """``lookup`` (in ``table``), ``blackhole``, ``unreachable`` or ``prohibit``."""
+    """``lookup`` (in ``table``), ``goto`` (the rule of priority ``target``), ``nop``,
+    ``blackhole``, ``unreachable`` or ``prohibit``."""
     iif: str | None = None
     src: Network | None = None
+    target: int = 0
     protocol: int = field(default=0, compare=False)
 
 
@@ -551,6 +553,8 @@ def _rule_body(rule: Rule) -> bytes:
     body += attr_u32(FRA_PRIORITY, rule.priority)
     if rule.action == "lookup":
         body += attr_u32(FRA_TABLE, rule.table)
+    if rule.action == "goto":
+        body += attr_u32(FRA_GOTO, rule.target)
     if rule.iif is not None:
         body += attr_str(FRA_IIFNAME, rule.iif)
     if rule.src is not None:
@@ -587,6 +591,7 @@ def parse_rule(payload: bytes) -> Rule | None:
         action=RULE_NAMES.get(action, str(action)),
         iif=cstr(attrs.get(FRA_IIFNAME)),
         src=ipaddress.ip_network((ip(src), src_len)) if src else None,
+        target=u32(attrs.get(FRA_GOTO)) or 0,
         protocol=protocol[0] if protocol else 0,
     )
 

@@ -46,6 +46,8 @@ def test_a_route_of_an_unknown_type_is_refused() -> None:
         nl.Rule(1000, 4, table=1200, iif="fgw-abc", src=NETS[0], protocol=99),
         nl.Rule(1002, 6, action="blackhole", iif="fgw-abc", protocol=99),
         nl.Rule(1001, 6, table=70000, src=NETS[1]),
+        nl.Rule(1000, 4, action="goto", iif="lo", target=1004, protocol=99),
+        nl.Rule(1004, 6, action="nop"),
     ],
 )
 def test_a_rule_parses_back(rule: nl.Rule) -> None:

@@ -32,7 +32,7 @@ from wireguard.drivers import (
     UserspaceSettings,
 )
 from wireguard.drivers.uapi import SOCKET_DIR
-from wireguard.errors import UnknownPeer, WireConflict
+from wireguard.errors import CommandFailed, UnknownPeer, WireConflict
 from wireguard.keys import PrivateKey
 from wireguard.netns import (
     Interface,
@@ -456,6 +456,32 @@ async def test_a_wire_carries_ping_and_tcp_and_wg_show_agrees(dlab: DataplaneLab
         assert nsm0 is not None
         assert nsm0.mtu == 1420
         assert [a for _, a in await rtnl.addresses("nsm0") if a.version == 4] == [CLIENT_ADDRESS]
+
+
+async def test_locally_made_packets_jump_over_the_wires_rules(dlab: DataplaneLab) -> None:
+    """Every lookup walks the rules as a list; a packet the gateway node sends itself
+    (WireGuard's datagrams) goes from P+0 straight to the nop at P+4, past whatever
+    P+1..P+3 hold. A rule planted there, into a table where nothing is reachable, shows
+    it: the node's own packets get past it, a workload's are caught (where the wire's
+    guard would have answered EINVAL)."""
+    p = await two_domains(dlab)
+    cw, ew = p.wires()
+    await p.attach(cw, ew)
+    [wire] = (await p.a.dataplane.state()).wires
+    base = p.a.dataplane.settings.rule_priority
+    peer_b = p.b.addresses["a"]
+    await run("ip", "-n", p.a.netns, "route", "add", "unreachable", "default", "table", "99")
+    await run("ip", "-n", p.a.netns, "rule", "add", "pref", str(base + 2), "lookup", "99")
+    own = await run("ip", "-n", p.a.netns, "route", "get", peer_b)
+    assert own.startswith(peer_b)
+    # From the veth, with a source the wire does not own: the wire's rule does not match.
+    with pytest.raises(CommandFailed, match="No route to host"):
+        await run(
+            "ip", "-n", p.a.netns, "route", "get", peer_b,
+            "from", "10.255.0.1", "iif", wire.gateway_interface,
+        )  # fmt: skip
+    await run("ip", "-n", p.a.netns, "rule", "del", "pref", str(base + 2), "lookup", "99")
+    assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
 
 
 async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -> None:
