@@ -206,7 +206,8 @@ def _config(listener: Listener) -> uvicorn.Config:
         listener.app,
         lifespan="off",
         log_config=None,
-        # Idle TLS connections of peers can hold a close for long; do not wait on them.
+        # Requests under way get 2 s to finish; idle TLS connections are dropped at once
+        # (SpiffeHttpProtocol.shutdown), since their close would wait for the peer.
         timeout_graceful_shutdown=2,
         server_header=False,
         **tls,

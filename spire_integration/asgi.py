@@ -23,3 +23,16 @@ class SpiffeHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         ssl_object = transport.get_extra_info("ssl_object")
         self.app_state = {**self.app_state, STATE_KEY: getattr(ssl_object, "spiffe_id", None)}
+
+    def shutdown(self) -> None:
+        """The server stops: a connection between requests is dropped at once.
+
+        Closing a TLS connection waits for the peer's ``close_notify``, and a client's
+        idle kept-alive connection does not answer until it uses or closes it: every
+        peer's pool held a stopping gateway for the whole graceful timeout. Nothing is
+        lost by not waiting, since no response is under way; a request in progress is
+        still answered first."""
+        if self.cycle is None or self.cycle.response_complete:
+            self.transport.abort()
+        else:
+            super().shutdown()

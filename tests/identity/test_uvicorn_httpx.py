@@ -140,6 +140,28 @@ async def test_uvicorn_and_httpx_with_spiffe_mtls(short_tmp: Path) -> None:
             tls.close()
 
 
+async def test_a_stopping_server_does_not_wait_for_idle_kept_alive_clients(
+    short_tmp: Path,
+) -> None:
+    """A peer's pool keeps its TLS connection open between calls and never answers a
+    close_notify there; the server (uvicorn waits without limit by default) drops such
+    connections when it stops instead of waiting for them."""
+    async with federated_pair(short_tmp) as (s1, s2):
+        tls = ServerTLS(s1)
+        verify = PeerClientContext(s2, "cluster1", GW1)
+        try:
+            async with httpx.AsyncClient(verify=verify) as client:
+                async with uvicorn_server(tls) as url:
+                    assert (await client.get(url + "/")).json() == {"peer": str(GW2)}
+                    started = time.monotonic()  # the block's end stops the server
+                assert time.monotonic() - started < 1.0
+                # The pool notices its connection went away: nothing to answer now.
+                with pytest.raises(httpx.ConnectError):
+                    await client.get(url + "/")
+        finally:
+            tls.close()
+
+
 @dataclass
 class Traffic:
     ok: int = 0
