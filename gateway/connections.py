@@ -227,15 +227,11 @@ class ConnectionManager:
                 self._reconciling = None
         return await self._open_dataplane()
 
-    def _check_dataplane(self) -> None:
+    async def _open_dataplane(self) -> Dataplane:
         if self._make_dataplane is None or self._key is None:
             raise Unavailable(
                 "this gateway has no data plane (it runs with --dataplane off)", retryable=False
             )
-
-    async def _open_dataplane(self) -> Dataplane:
-        self._check_dataplane()
-        assert self._make_dataplane is not None
         async with self._dataplane_lock:  # concurrent first requests make one, not several
             if self._dataplane is None:
                 dataplane = await self._make_dataplane()
@@ -472,7 +468,7 @@ class ConnectionManager:
 
     async def request(self, request: ConnectionRequest) -> ConnectionRecord:
         """Connect a workload to ``request.service``; returns once it is up, or raises."""
-        self._check_dataplane()  # first: a clear error if there is none
+        await self._ensure_dataplane()  # first: a clear error if there is none
         workload = await asyncio.to_thread(self._probe.identify, request.workload)
         reference = request.service.local_to(self.domain)
         interface = request.interface or self._connections.free_interface(workload)
@@ -526,19 +522,7 @@ class ConnectionManager:
             exclude=record.exclude,
             wireguard=self._our_wireguard(tunnel),
         )
-        # The first time, the data plane opens while the peer works on the offer.
-        opening = None
-        if self._dataplane is None or self._reconciling is not None:
-            opening = asyncio.ensure_future(self._ensure_dataplane())
-        try:
-            answer = await self._federation.offer(peer, offer)
-        except BaseException:
-            if opening is not None:  # it goes on; a failure is the next request's to see
-                opening.add_done_callback(_retrieved)
-            raise
-        if opening is not None:
-            await opening
-        grant = self._check_grant(record, answer)
+        grant = self._check_grant(record, await self._federation.offer(peer, offer))
         await self._connect_tunnel(peer, grant.wireguard)
         previous = (c.client.address, c.server.address)
         updated_connection = c.model_copy(
@@ -1099,10 +1083,3 @@ async def load_or_create_key(path: Path) -> PrivateKey:
     key = PrivateKey.generate()
     await asyncio.to_thread(save_private_key, key, path)
     return key
-
-
-def _retrieved(task: asyncio.Future[Dataplane]) -> None:
-    """Done-callback of a task nobody awaits: take its outcome, so that asyncio does not
-    report an exception as never retrieved."""
-    if not task.cancelled():
-        task.exception()
