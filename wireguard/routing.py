@@ -50,8 +50,9 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   before the main table could forward it to the underlay. Every table ends in an
 #   ``unreachable default`` (both families), so that nothing falls through either.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
-#   priority is in ``P..P+2`` and their table in fedgw's range; routes when their table
-#   is; every rule and route also carries fedgw's protocol number, for humans.
+#   priority is in ``P..P+4`` and, if they look a table up, that table is in fedgw's
+#   range; routes when their table is; every rule and route also carries fedgw's
+#   protocol number, for humans.
 
 MAX_PREFIX = 6
 """At most 6 characters, so that 8 or more remain for a hash in a 15-character name."""
