@@ -345,6 +345,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="iperf3 runs per path")
     parser.add_argument("--wires", type=int, default=1000, help="wires for the latency test")
     args = parser.parse_args()
+    if min(args.seconds, args.rounds, args.wires) < 1:
+        parser.error("--seconds, --rounds and --wires must be at least 1")
     if os.geteuid() != 0 or not shutil.which("iperf3") or not shutil.which("wireguard-go"):
         sys.exit("needs root, iperf3 and wireguard-go")
     bench = Bench(args)

@@ -16,7 +16,8 @@ class SpiffeHttpProtocol(HttpToolsProtocol):
 
     ``uvicorn.Config(app, http=SpiffeHttpProtocol, ssl_context_factory=...)``. uvicorn
     copies ``app_state`` into each request scope; this connection gets its own copy with
-    the verified ID (``None`` without TLS or without a client certificate).
+    the verified ID (``None`` without TLS or without a client certificate). When the
+    server stops, idle connections are dropped at once (see :meth:`shutdown`).
     """
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -30,9 +31,10 @@ class SpiffeHttpProtocol(HttpToolsProtocol):
         Closing a TLS connection waits for the peer's ``close_notify``, and a client's
         idle kept-alive connection does not answer until it uses or closes it: every
         peer's pool held a stopping gateway for the whole graceful timeout. Nothing is
-        lost by not waiting, since no response is under way; a request in progress is
-        still answered first."""
-        if self.cycle is None or self.cycle.response_complete:
+        lost by not waiting: no response is under way and none is left in the buffers
+        (one still being sent, or a request in progress, gets the graceful close)."""
+        idle = self.cycle is None or self.cycle.response_complete
+        if idle and self.transport.get_write_buffer_size() == 0:
             self.transport.abort()
         else:
             super().shutdown()

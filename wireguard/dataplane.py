@@ -1005,7 +1005,14 @@ class _Reconciliation:
         # A route or neighbour entry that differed was overwritten above ("replace");
         # rules are never replaced, so a differing one is stale.
         keys = {object_key(o) for o in want}
-        stale: list[GatewayObject] = [r for r in rules if r not in wanted]
+        # Stale rules go from the last priority to the first. The kernel appends a new
+        # rule after the old ones of its priority, so a stale rule (a guard of an older
+        # layout) can sit in front of wanted ones; the stale rules of lower priority
+        # still take traffic past it, and must outlive it.
+        stale_rules = sorted(
+            (r for r in rules if r not in wanted), key=lambda r: r.priority, reverse=True
+        )
+        stale: list[GatewayObject] = [*stale_rules]
         stale += [r for r in routes if object_key(r) not in keys and r.kind != "local"]
         stale += [n for n in neighbours if object_key(n) not in keys]
         for obj in stale:

@@ -263,9 +263,10 @@ def _visit(name: str, fn: Callable[[], T]) -> T:
     thread is back home before this returns.
 
     Only for ``fn`` that make sockets (a socket stays in the namespace it was made in)
-    and cannot block: no other code runs on the thread meanwhile, not even the event
-    loop. A few system calls, where :func:`_in_netns` costs a thread's creation and
-    two hand-offs, which was a tenth of a wire's CPU."""
+    and cannot block: the event loop does not run meanwhile, and the gateway's signal
+    handlers only wake the loop (``loop.add_signal_handler``). A few system calls,
+    where :func:`_in_netns` costs a thread's creation and two hand-offs, which was a
+    tenth of a wire's CPU."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
@@ -273,10 +274,13 @@ def _visit(name: str, fn: Callable[[], T]) -> T:
         except FileNotFoundError:
             raise NamespaceNotFound(f"network namespace {name!r} does not exist") from None
         try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise NetlinkFailed(f"setns({name}): {os.strerror(err)}", errno=err)
+            # One try for both moves: nothing (not even an exception raised by a signal
+            # handler) can come between leaving and the way back. Going "back" when the
+            # first move failed is harmless.
             try:
+                if _libc.setns(target, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise NetlinkFailed(f"setns({name}): {os.strerror(err)}", errno=err)
                 return fn()
             finally:
                 if _libc.setns(home, CLONE_NEWNET) != 0:
