@@ -481,6 +481,13 @@ async def test_locally_made_packets_jump_over_the_wires_rules(dlab: DataplaneLab
             "from", "10.255.0.1", "iif", wire.gateway_interface,
         )  # fmt: skip
     await run("ip", "-n", p.a.netns, "rule", "del", "pref", str(base + 2), "lookup", "99")
+    # The same for IPv6, to a prefix the node routes itself.
+    ns6 = ("ip", "-6", "-n", p.a.netns)
+    await run(*ns6, "route", "add", "fd00:99::/64", "dev", "lo")
+    await run(*ns6, "route", "add", "unreachable", "default", "table", "99")
+    await run(*ns6, "rule", "add", "pref", str(base + 2), "lookup", "99")
+    assert (await run(*ns6, "route", "get", "fd00:99::1")).startswith("fd00:99::1")
+    await run(*ns6, "rule", "del", "pref", str(base + 2), "lookup", "99")
     assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
 
 
