@@ -143,38 +143,30 @@ async def kill_netns_processes(
     return killed
 
 
-def _in_netns(name: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` on a throwaway thread that has entered the namespace ``name``.
-
-    A network namespace is a per-thread attribute, so only that thread moves; it ends
-    with ``fn`` and no other thread ever runs in the namespace by accident.
-    """
+def _on_own_thread(thread_name: str, fn: Callable[[], T]) -> T:
+    """``fn()`` on a throwaway thread, so that whatever namespace it moves into goes
+    with the thread; its result, or what it raised."""
     result: list[T] = []
     failure: list[BaseException] = []
 
     def target() -> None:
         try:
-            fd = os.open(netns_path(name), os.O_RDONLY)
-        except FileNotFoundError:
-            failure.append(NamespaceNotFound(f"network namespace {name!r} does not exist"))
-            return
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                failure.append(NetlinkFailed(f"setns({name}): {os.strerror(err)}", errno=err))
-                return
             result.append(fn())
         except BaseException as exc:
             failure.append(exc)
-        finally:
-            os.close(fd)
 
-    thread = threading.Thread(target=target, name=f"netns-{name}")
+    thread = threading.Thread(target=target, name=thread_name)
     thread.start()
     thread.join()
     if failure:
         raise failure[0]
     return result[0]
+
+
+def _in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` on a throwaway thread that visits the namespace ``name``: only that
+    thread moves, no other runs in the namespace by accident, and ``fn`` may block."""
+    return _on_own_thread(f"netns-{name}", lambda: _visit(name, fn))
 
 
 async def in_netns(name: str, fn: Callable[[], T]) -> T:
@@ -195,27 +187,14 @@ async def get_sysctl(netns: str, key: str) -> str:
 
 def _in_new_netns(fn: Callable[[], T]) -> T:
     """Run ``fn`` on a throwaway thread moved into a new, empty, unnamed namespace."""
-    result: list[T] = []
-    failure: list[BaseException] = []
 
-    def target() -> None:
-        try:
-            if _libc.unshare(CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                failure.append(
-                    NetlinkFailed(f"unshare(CLONE_NEWNET): {os.strerror(err)}", errno=err)
-                )
-                return
-            result.append(fn())
-        except BaseException as exc:
-            failure.append(exc)
+    def unshared() -> T:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetlinkFailed(f"unshare(CLONE_NEWNET): {os.strerror(err)}", errno=err)
+        return fn()
 
-    thread = threading.Thread(target=target, name="netns-throwaway")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return result[0]
+    return _on_own_thread("netns-throwaway", unshared)
 
 
 async def in_throwaway_netns(fn: Callable[[], T]) -> T:
@@ -262,11 +241,11 @@ def _visit(name: str, fn: Callable[[], T]) -> T:
     """``fn()`` run on the calling thread while it visits the namespace ``name``; the
     thread is back home before this returns.
 
-    Only for ``fn`` that make sockets (a socket stays in the namespace it was made in)
-    and cannot block: the event loop does not run meanwhile, and the gateway's signal
-    handlers only wake the loop (``loop.add_signal_handler``). A few system calls,
-    where :func:`_in_netns` costs a thread's creation and two hand-offs, which was a
-    tenth of a wire's CPU."""
+    On the event loop's thread, only for ``fn`` that make sockets (a socket stays in the
+    namespace it was made in) and cannot block: the loop does not run meanwhile, and
+    the gateway's signal handlers only wake it (``loop.add_signal_handler``). A few
+    system calls, where a thread of its own (:func:`_in_netns`) costs a creation and
+    two hand-offs, which was a tenth of a wire's CPU."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:

@@ -237,6 +237,10 @@ class WorkloadEnd:
     def route(self, dst: Network, protocol: int) -> Route:
         return Route(dst, dev=self.name, via=self.next_hop, protocol=protocol)
 
+    def neighbour(self) -> Neighbour:
+        """The other end of the pair, reached at the gateway end's MAC."""
+        return Neighbour(self.name, self.next_hop, self.gateway_mac)
+
 
 async def configure_workload_end(
     rtnl: Rtnl, end: WorkloadEnd, protocol: int, index: int | None = None
@@ -251,7 +255,7 @@ async def configure_workload_end(
                 await rtnl.no_ipv6_autoconf_request(end.name),
                 await rtnl.link_request(end.name, up=True),
                 await rtnl.address_request(end.name, end.address, nodad=True),
-                await rtnl.neighbour_request(Neighbour(end.name, end.next_hop, end.gateway_mac)),
+                await rtnl.neighbour_request(end.neighbour()),
                 *[await rtnl.route_request(end.route(dst, protocol)) for dst in end.routes],
             ]
         )
@@ -323,7 +327,7 @@ async def repair_workload_end(
         changes.append(f"address {end.address} on {where}")
     neighbours = snap.neighbours.get(end.name, [])
     if not any(n.address == end.next_hop and n.mac.lower() == end.gateway_mac for n in neighbours):
-        await rtnl.set_neighbour(Neighbour(end.name, end.next_hop, end.gateway_mac))
+        await rtnl.set_neighbour(end.neighbour())
         changes.append(f"neighbour {end.next_hop} on {where}")
     want = {end.route(dst, protocol) for dst in end.routes}
     current = {r for r in snap.main_routes if r.dev == end.name and r.protocol == protocol}
