@@ -16,7 +16,7 @@ from types import TracebackType
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from wireguard import clamping
+from wireguard import nftables
 from wireguard import rtnetlink as nl
 from wireguard.drivers.base import (
     InterfaceRef,
@@ -33,12 +33,10 @@ from wireguard.errors import (
     UnknownPeer,
     WireConflict,
 )
-from wireguard.netns import Link, Neighbour, Route, Rtnl, Rule, in_netns
+from wireguard.netns import Address, Link, Neighbour, Route, Rtnl, Rule, in_netns
+from wireguard.nftables import Mark, Nft
 from wireguard.routing import (
-    FROM_LINK,
-    FROM_PEER,
     PRIORITY_SPAN,
-    TUNNEL_LETTER,
     Allowed,
     GatewayObject,
     Ledger,
@@ -50,11 +48,11 @@ from wireguard.routing import (
     WirePlan,
     check_prefix,
     describe,
-    host_prefix,
+    mask_capacity,
     object_key,
     plan_tunnel,
     plan_wire,
-    wire_tables,
+    wire_table,
 )
 from wireguard.wires import (
     ROLES,
@@ -109,8 +107,8 @@ class DataplaneSettings(BaseModel):
     disable_rp_filter: bool = Field(
         True,
         description="turn the reverse-path filter off in the gateway namespace: it looks "
-        "sources up without the input interface, so it cannot see per-peer tables; "
-        "WireGuard's allowed IPs and fedgw's per-wire source rules check sources instead",
+        "sources up without fedgw's marks, so it cannot see per-peer tables; "
+        "WireGuard's allowed IPs and fedgw's nftables source check do it instead",
     )
     table_base: int = Field(100_000, ge=1, description="first routing table fedgw uses")
     table_count: int = Field(100_000, ge=16, description="how many tables fedgw may use")
@@ -122,6 +120,14 @@ class DataplaneSettings(BaseModel):
     )
     route_protocol: int = Field(
         147, ge=5, le=255, description="protocol number tagging fedgw's routes and rules"
+    )
+    mark_mask: int = Field(
+        0x1FFFF,
+        ge=1,
+        le=0xFFFFFFFF,
+        description="the packet-mark bits fedgw sets on what arrives from its wires and "
+        "tunnels (contiguous, enough for table_count tables); nothing else in the gateway "
+        "namespace may use them",
     )
 
     @field_validator("prefix")
@@ -137,6 +143,11 @@ class DataplaneSettings(BaseModel):
         if any(t in self.tables for t in _RESERVED_TABLES) or self.tables.stop > 2**32:
             raise ValueError(
                 f"tables {self.tables.start}..{self.tables.stop - 1} overlap reserved ones"
+            )
+        if mask_capacity(self.mark_mask) < self.table_count:
+            raise ValueError(
+                f"mark_mask {self.mark_mask:#x} must be contiguous bits that number "
+                f"table_count ({self.table_count}) tables"
             )
         return self
 
@@ -265,10 +276,13 @@ class Dataplane:
         self.settings = settings
         self.driver = driver
         self.naming = Naming(settings.prefix, settings.netns or _own_netns())
-        self.policy = Policy(settings.rule_priority, settings.route_protocol)
+        self.policy = Policy(
+            settings.rule_priority, settings.route_protocol, settings.tables, settings.mark_mask
+        )
         self._model = _Model(TableAllocator(settings.tables))
         self._lock = asyncio.Lock()
         self._rtnl: Rtnl | None = None
+        self._nft: Nft | None = None
         # Tunnel interfaces' indexes, for the routes of every wire through them; dropped
         # whenever a tunnel may have been remade, and after any failed attach.
         self._tunnel_indexes: dict[str, int] = {}
@@ -276,20 +290,25 @@ class Dataplane:
     # --- life cycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the netlink session of the gateway namespace and prepare it (forwarding,
-        reverse-path filter, MSS clamping)."""
+        """Open the netlink sessions of the gateway namespace and prepare it (forwarding,
+        reverse-path filter, fedgw's nftables table)."""
         if self._rtnl is None:
             rtnl = Rtnl(self.settings.netns)
             await rtnl.__aenter__()
             self._rtnl = rtnl
+        if self._nft is None:
+            nft = Nft(self.settings.netns, self.settings.prefix)
+            await nft.__aenter__()
+            self._nft = nft
         async with self._lock:
             await self._prepare()
 
     async def close(self) -> None:
-        """Close the session; tunnels and wires stay (a restarted gateway adopts them)."""
-        if self._rtnl is not None:
-            await self._rtnl.__aexit__(None, None, None)
-            self._rtnl = None
+        """Close the sessions; tunnels and wires stay (a restarted gateway adopts them)."""
+        for session in (self._rtnl, self._nft):
+            if session is not None:
+                await session.__aexit__(None, None, None)
+        self._rtnl = self._nft = None
 
     async def __aenter__(self) -> Dataplane:
         await self.open()
@@ -308,6 +327,12 @@ class Dataplane:
         if self._rtnl is None:
             raise RuntimeError("Dataplane used before open()")
         return self._rtnl
+
+    @property
+    def nft(self) -> Nft:
+        if self._nft is None:
+            raise RuntimeError("Dataplane used before open()")
+        return self._nft
 
     def _ref(self, ifname: str) -> InterfaceRef:
         return InterfaceRef(ifname, self.settings.netns)
@@ -338,13 +363,12 @@ class Dataplane:
         for key, value in wanted.items():
             if await self._sysctl(key, value):
                 changes.append(f"sysctl {key}={value}")
-        netns, prefix = self.settings.netns, self.settings.prefix
-        if self.settings.mss_clamping:
-            if not await clamping.has_clamping(netns, prefix):
-                await clamping.apply_clamping(netns, prefix, TUNNEL_LETTER)
-                changes.append(f"nftables table {clamping.table_name(prefix)}")
-        elif await clamping.remove_clamping(netns, prefix):
-            changes.append(f"nftables table {clamping.table_name(prefix)} removed")
+        # Written every time, in one transaction that keeps the maps' elements: cheaper
+        # than comparing, and it repairs whatever else changed the chains.
+        netns, naming = self.settings.netns, self.naming
+        clamp = naming.tunnel_pattern() if self.settings.mss_clamping else None
+        script = nftables.ruleset(naming.prefix, naming.patterns(), clamp_tunnels=clamp)
+        await nftables.apply_ruleset(netns, script)
         return changes
 
     # --- tunnels ------------------------------------------------------------------------
@@ -506,11 +530,9 @@ class Dataplane:
         if wire.peer is not None and wire.peer not in model.tunnels:
             raise UnknownPeer(f"no tunnel to peer {wire.peer} (ensure_peer first)")
         netns = workload_netns(wire.workload)
-        assigned: list[TableKey] = []
-        for key in wire_tables(wire):
-            if model.tables.get(key) is None:
-                assigned.append(key)
-            model.tables.assign(key)
+        key = wire_table(wire)
+        assigned: list[TableKey] = [key] if model.tables.get(key) is None else []
+        model.tables.assign(key)
         try:
             plan = plan_wire(
                 wire,
@@ -614,9 +636,8 @@ class Dataplane:
         model = self._model
         gone = model.ledger.release(plan.objects)
         model.remove_wire(plan)
-        for key in plan.tables:
-            if not model.table_in_use(key):
-                model.tables.release(key)
+        if not model.table_in_use(plan.table):
+            model.tables.release(plan.table)
         # Routes and neighbours on the veth go with it, as do the workload end, its
         # address and its routes: removing them one by one would only cost time.
         await self._remove(o for o in gone if not _on_link(o, plan.veth))
@@ -629,7 +650,8 @@ class Dataplane:
     ) -> None:
         """Create objects in an order that opens the path last: the link ``bring_up``
         (a new wire's gateway end), neighbours and routes, then allowed IPs, then the
-        rules that lead traffic to them. Two batches and a WireGuard update."""
+        rules that lead traffic to them, then the marks that select those rules. Two
+        batches, a WireGuard update and an nftables transaction."""
         objs = list(objects)
         rtnl = self.rtnl
         with rtnl.remembering_indexes():
@@ -639,6 +661,7 @@ class Dataplane:
             await rtnl.batch(first)
         await self._allowed(objs, add=True)
         await rtnl.batch([rtnl.rule_request(r) for r in objs if isinstance(r, Rule)])
+        await self.nft.add(m for m in objs if isinstance(m, Mark))
 
     async def _up_requests(self, veth: str) -> list[nl.Request]:
         """Bringing a new wire's gateway end up, with no IPv6 autoconfiguration."""
@@ -648,8 +671,9 @@ class Dataplane:
         ]
 
     async def _remove(self, objects: Iterable[GatewayObject]) -> None:
-        """Remove objects, closing the path first (rules), then what it led to."""
+        """Remove objects, closing the path first (marks, rules), then what it led to."""
         objs = list(objects)
+        await self.nft.delete(m for m in objs if isinstance(m, Mark))
         for rule in (o for o in objs if isinstance(o, Rule)):
             await self.rtnl.delete_rule(rule)
         await self._allowed(objs, add=False)
@@ -725,7 +749,7 @@ class Dataplane:
             other_address=str(wire.other_address),
             routes=[str(r) for r in wire.routes],
             mtu=plan.mtu,
-            tables=[t for k in plan.tables if (t := model.tables.get(k)) is not None],
+            tables=[t] if (t := model.tables.get(plan.table)) is not None else [],
         )
 
     async def peers(self) -> list[PeerStatus]:
@@ -769,9 +793,9 @@ class Dataplane:
         daemons, wires, rules, routes, the nftables table); sysctls stay as they are."""
         report = await self.reconcile(DesiredState())
         async with self._lock:
-            if await clamping.remove_clamping(self.settings.netns, self.settings.prefix):
+            if await nftables.remove_table(self.settings.netns, self.settings.prefix):
                 report.changes.append(
-                    f"nftables table {clamping.table_name(self.settings.prefix)} removed"
+                    f"nftables table {nftables.table_name(self.settings.prefix)} removed"
                 )
         return report
 
@@ -823,12 +847,13 @@ class _Reconciliation:
             if self.naming.kind_of(link.name) is not None
         }
         rules = [r for r in await rtnl.rules() if self._owned_rule(r)]
+        marks = await dp.nft.marks()
         running = [
             ref
             for ref in await dp.driver.interfaces(self.settings.netns)
             if self.naming.kind_of(ref.name) == "tunnel"
         ]
-        self._adopt_tables(rules)
+        self._adopt_tables(marks)
         await self._plan_tunnels()
         self._plan_wires()
         await self._wires(links)
@@ -836,7 +861,7 @@ class _Reconciliation:
         # neighbour entries along.
         routes = await rtnl.routes(self.settings.tables)
         neighbours = [n for n in await rtnl.neighbours() if self.naming.kind_of(n.dev)]
-        await self._objects(set(rules), set(routes), set(neighbours))
+        await self._objects(set(rules), set(routes), set(neighbours), set(marks))
         for tunnel in self.model.tunnels.values():
             try:
                 for change in await dp._sync_allowed(tunnel, self.model.ledger):
@@ -852,33 +877,24 @@ class _Reconciliation:
             return False
         return rule.action != "lookup" or rule.table in self.settings.tables
 
-    def _adopt_tables(self, rules: list[Rule]) -> None:
-        """Keep the table numbers the kernel's rules already use for desired keys."""
-        base = self.settings.rule_priority
-        tunnels = {self.naming.tunnel(p.domain): p.domain for p in self.desired.peers}
-        veths: dict[str, Wire] = {
-            self.naming.veth(w.connection_id, w.role): w for w in self.desired.wires
+    def _adopt_tables(self, marks: list[Mark]) -> None:
+        """Keep the table numbers the kernel's marks already select for desired keys."""
+        keys: dict[tuple[str, Address | None], TableKey] = {
+            (self.naming.tunnel(p.domain), None): ("peer", p.domain) for p in self.desired.peers
         }
-        # What comes from a peer's tunnel from a client's address belongs to the
-        # endpoint wire of that client.
-        by_source = {
-            (self.naming.tunnel(w.peer), host_prefix(w.client_address.ip)): w.connection_id
-            for w in self.desired.wires
-            if isinstance(w, EndpointWire) and w.peer is not None
-        }
-        for rule in rules:
-            if rule.action != "lookup" or rule.iif is None:
-                continue
-            key: TableKey | None = None
-            if rule.iif in tunnels and rule.priority == base + FROM_LINK and rule.src is None:
-                key = ("peer", tunnels[rule.iif])
-            elif rule.priority == base + FROM_PEER and rule.src is not None:
-                cid = by_source.get((rule.iif, rule.src))
-                key = ("connection", cid) if cid is not None else None
-            elif rule.iif in veths and veths[rule.iif].peer is None:
-                key = ("connection", veths[rule.iif].connection_id)
-            if key is not None:
-                self.model.tables.adopt(key, rule.table)
+        for w in self.desired.wires:
+            key: TableKey = wire_table(w)
+            if key[0] == "connection":
+                keys[self.naming.veth(w.connection_id, w.role), None] = key
+                if isinstance(w, EndpointWire) and w.peer is not None:
+                    # What comes from a peer's tunnel from a client's address belongs
+                    # to the endpoint wire of that client.
+                    keys[self.naming.tunnel(w.peer), w.client_address.ip] = key
+        for mark in marks:
+            found = keys.get((mark.iif, mark.src))
+            table = self.dp.policy.table_of(mark.mark)
+            if found is not None and table is not None:
+                self.model.tables.adopt(found, table)
 
     async def _plan_tunnels(self) -> None:
         model = self.model
@@ -926,9 +942,8 @@ class _Reconciliation:
         model = self.model
         model.ledger.release(plan.objects)
         model.remove_wire(plan)
-        for key in plan.tables:
-            if not model.table_in_use(key):
-                model.tables.release(key)
+        if not model.table_in_use(plan.table):
+            model.tables.release(plan.table)
 
     async def _wires(self, links: dict[str, Link]) -> None:
         # Grouped by workload namespace: one session and one snapshot per namespace.
@@ -981,7 +996,7 @@ class _Reconciliation:
                 await session.__aexit__(None, None, None)
 
     async def _objects(
-        self, rules: set[Rule], routes: set[Route], neighbours: set[Neighbour]
+        self, rules: set[Rule], routes: set[Route], neighbours: set[Neighbour], marks: set[Mark]
     ) -> None:
         want = list(self.model.ledger)
         rtnl = self.dp.rtnl
@@ -1001,10 +1016,16 @@ class _Reconciliation:
                 self.change(describe(obj))
             except DataplaneError as exc:
                 self.fail(describe(obj), exc)
-        # Remove in the reverse order: rules first, so no packet meets a half-removed path.
-        # A route or neighbour entry that differed was overwritten above ("replace");
-        # rules are never replaced, so a differing one is stale.
+        # Marks last: they open the paths. A mark that differs is removed first (the
+        # kernel does not overwrite a map element's value).
         keys = {object_key(o) for o in want}
+        differing = [m for m in marks if m not in wanted and object_key(m) in keys]
+        await self._marks(differing, add=False)
+        await self._marks([m for m in want if isinstance(m, Mark) and m not in marks], add=True)
+        # Remove in the reverse order: marks and rules first, so no packet meets a
+        # half-removed path. A route or neighbour entry that differed was overwritten
+        # above ("replace"); rules are never replaced, so a differing one is stale.
+        await self._marks([m for m in marks if object_key(m) not in keys], add=False)
         # Stale rules go from the last priority to the first. The kernel appends a new
         # rule after the old ones of its priority, so a stale rule (a guard of an older
         # layout) can sit in front of wanted ones; the stale rules of lower priority
@@ -1026,6 +1047,22 @@ class _Reconciliation:
                 self.change(f"{describe(obj)} removed")
             except DataplaneError as exc:
                 self.fail(f"{describe(obj)} removal", exc)
+
+    async def _marks(self, marks: list[Mark], *, add: bool) -> None:
+        # One transaction each way: the maps are hashed, so thousands cost milliseconds.
+        if not marks:
+            return
+        what = f"{len(marks)} marks" if len(marks) > 1 else describe(marks[0])
+        try:
+            if add:
+                await self.dp.nft.add(marks)
+            else:
+                await self.dp.nft.delete(marks)
+        except DataplaneError as exc:
+            self.fail(f"{what}{'' if add else ' removal'}", exc)
+            return
+        for mark in marks:
+            self.change(describe(mark) if add else f"{describe(mark)} removed")
 
     async def _remove_stale(self, links: dict[str, Link], running: list[InterfaceRef]) -> None:
         dp = self.dp

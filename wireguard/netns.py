@@ -16,12 +16,13 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Self, TypeVar
 
 from wireguard import rtnetlink as nl
 from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
@@ -281,36 +282,36 @@ def _stranded(name: str) -> None:
     os._exit(70)  # EX_SOFTWARE
 
 
-def _open_socket(netns: str | None) -> nl.NetlinkSocket:
-    if netns is None:
-        return nl.NetlinkSocket.open()
-    return _visit(netns, nl.NetlinkSocket.open)
+def _open_socket(netns: str | None, protocol: int) -> nl.NetlinkSocket:
+    def open_() -> nl.NetlinkSocket:
+        return nl.NetlinkSocket.open(protocol)
+
+    return open_() if netns is None else _visit(netns, open_)
 
 
-class Rtnl:
-    """An RTNL session in one namespace: a name in /run/netns, a path such as
+class NetlinkSession:
+    """A netlink session in one namespace: a name in /run/netns, a path such as
     ``/proc/PID/ns/net`` for a workload known by its process, or ``None`` for the
-    namespace this process runs in.
-
-    ``async with Rtnl("fedgw.cluster1") as rtnl: await rtnl.add_veth(...)``
+    namespace this process runs in. Subclasses speak a protocol (:class:`Rtnl`).
 
     The socket is made by the calling thread on a short visit to the namespace
     (pyroute2 forks a child for that: 7 ms instead of tens of microseconds). Methods
     that take several objects send them in one batch (see :mod:`wireguard.rtnetlink`).
     """
 
+    protocol = socket.NETLINK_ROUTE
+
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
         self._sock: nl.NetlinkSocket | None = None
-        self._indexes: dict[str, int] | None = None
 
     @property
     def where(self) -> str:
         return f"netns {self.netns}" if self.netns else "this namespace"
 
-    async def __aenter__(self) -> Rtnl:
+    async def __aenter__(self) -> Self:
         try:
-            self._sock = _open_socket(self.netns)
+            self._sock = _open_socket(self.netns, self.protocol)
         except OSError as exc:
             raise NetlinkFailed(
                 f"netlink socket in {self.where}: {exc.strerror}", errno=exc.errno or 0
@@ -331,7 +332,7 @@ class Rtnl:
 
     async def _exchange(self, requests: Sequence[nl.Request]) -> list[nl.Reply]:
         if self._sock is None:
-            raise RuntimeError("Rtnl used outside 'async with'")
+            raise RuntimeError(f"{type(self).__name__} used outside 'async with'")
         try:
             return await self._sock.exchange(requests)
         except OSError as exc:
@@ -380,6 +381,15 @@ class Rtnl:
 
     async def _dump(self, request: nl.Request) -> list[bytes]:
         return await self._get(request, missing=frozenset()) or []
+
+
+class Rtnl(NetlinkSession):
+    """An RTNL session: ``async with Rtnl("fedgw.cluster1") as rtnl: await
+    rtnl.add_veth(...)``."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        super().__init__(netns)
+        self._indexes: dict[str, int] | None = None
 
     # --- links -------------------------------------------------------------------------
 

@@ -7,11 +7,13 @@ import base64
 import hashlib
 import ipaddress
 from collections.abc import Hashable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from wireguard.errors import InvalidSpec, WireConflict
 from wireguard.netns import IFNAMSIZ, Address, Neighbour, Network, Route, Rule
+from wireguard.nftables import Mark
+from wireguard.nftables import describe as describe_mark
 from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 
 # Why it is built this way.
@@ -27,28 +29,30 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   the same address on two wires never meets. (A link-local next hop would work too,
 #   but would show the workload an address that is not the endpoint's.)
 # - Per peer domain, one table ``T(peer)``: the peer's prefixes (the endpoint address and
-#   offered routes of client wires, the client address of endpoint wires) through the
-#   peer's WireGuard interface, and the client addresses of client wires through their
-#   veths. Per endpoint wire (and per local connection), a table of its own holding the
-#   endpoint address and its offered routes through its veth: two endpoints of this
-#   domain may offer the same prefix to two clients of one peer, so what comes from a peer
-#   is told apart by the client's source address.
-# - Rules, at ``base`` (``P``) and up::
+#   offered routes of client wires) through the peer's WireGuard interface, and the client
+#   addresses of client wires through their veths. Per endpoint wire (and per local
+#   connection), a table ``T(connection)`` of its own: the endpoint address and its
+#   offered routes through its veth, and the client's address through the tunnel (or the
+#   client's veth). Two endpoints of this domain may offer the same prefix to two clients
+#   of one peer, so what comes from a peer is told apart by the client's source address.
+# - Which table a packet is looked up in is chosen by its mark, which fedgw's nftables
+#   table sets from hashed maps (see :mod:`wireguard.nftables`): a veth's packets get the
+#   mark of its wire's table, a tunnel's packets that of ``T(connection)`` when they come
+#   from the client of an endpoint wire, else that of ``T(peer)``. The same chain drops a
+#   marked packet unless the selected table routes its source back out of the interface
+#   it came in on (``fib saddr . mark . iif``), which is every wire's source guard, and
+#   drops what arrives unmarked on one of fedgw's interfaces.
+# - The kernel walks rules as a list on every lookup, so the rules are per table, not
+#   per wire, and unmarked packets jump over them. At ``base`` (``P``) and up::
 #
-#       P+0  iif lo goto P+4                                            IPv4 and IPv6
-#       P+1  iif <peer wg> from <client address> lookup T(connection)   endpoint wires
-#       P+2  iif <peer wg> lookup T(peer)                               per peer
-#       P+2  iif <veth> from <what the workload may send from> lookup T(peer or connection)
-#       P+3  iif <veth> blackhole                                      IPv4 and IPv6
-#       P+4  nop                                                        IPv4 and IPv6
+#       P+0  fwmark 0/<mask> goto P+4                   IPv4 and IPv6
+#       P+1  fwmark <mark of T>/<mask> lookup T         per table, IPv4 and IPv6
+#       P+2  not fwmark 0/<mask> blackhole              IPv4 and IPv6
+#       P+4  nop                                        IPv4 and IPv6
 #
-#   The kernel walks rules as a list, every lookup, so each wire's rules cost every
-#   packet routed in this namespace. P+0 spares locally made packets, WireGuard's
-#   encrypted datagrams among them: none of the rules in between can match them (they
-#   all name an input interface), so they jump to the ``nop`` at P+4 and go on from
-#   there. The P+3 rules drop what a workload sends from an address it was not given,
-#   before the main table could forward it to the underlay. Every table ends in an
-#   ``unreachable default`` (both families), so that nothing falls through either.
+#   P+2 catches a marked packet whose table has just gone; P+3 is free. Every table ends
+#   in an ``unreachable default`` (both families), so that nothing falls through either.
+#   A mark is the table's position in fedgw's range plus one, shifted into the mask.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
 #   priority is in ``P..P+4`` and, if they look a table up, that table is in fedgw's
 #   range; routes when their table is; every rule and route also carries fedgw's
@@ -56,7 +60,7 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 
 MAX_PREFIX = 6
 """At most 6 characters, so that 8 or more remain for a hash in a 15-character name."""
-SKIP, FROM_PEER, FROM_LINK, GUARD, SKIPPED = 0, 1, 2, 3, 4
+SKIP, LOOKUP, GUARD, SKIPPED = 0, 1, 2, 4
 PRIORITY_SPAN = 5
 DEFAULTS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 _ROLE_LETTER: dict[Role, str] = {"client": "c", "endpoint": "e"}
@@ -116,6 +120,13 @@ class Naming:
         raw = hashlib.sha256(f"{self.prefix}|{connection_id}|{role}|{side}".encode()).digest()
         # 0x02: locally administered, unicast.
         return ":".join(f"{b:02x}" for b in (0x02, *raw[:5]))
+
+    def patterns(self) -> list[str]:
+        """nftables name patterns of every kind of interface fedgw creates."""
+        return [self.tunnel_pattern(), *(f"{self.prefix}{r}*" for r in _ROLE_LETTER.values())]
+
+    def tunnel_pattern(self) -> str:
+        return f"{self.prefix}{TUNNEL_LETTER}*"
 
     def kind_of(self, ifname: str) -> Literal["tunnel", "veth"] | None:
         """What fedgw made ``ifname`` for, if it is one of its names."""
@@ -185,28 +196,34 @@ class Allowed:
     prefix: Network
 
 
-GatewayObject = Rule | Route | Neighbour | Allowed
+GatewayObject = Rule | Route | Neighbour | Allowed | Mark
 
 
 def object_key(obj: GatewayObject) -> Hashable:
     """What must be unique: two objects with one key and different values conflict."""
     if isinstance(obj, Rule):
-        return ("rule", obj.priority, obj.family, obj.iif, obj.src)
+        return ("rule", obj.priority, obj.family, obj.iif, obj.src, obj.fwmark, obj.invert)
     if isinstance(obj, Route):
         return ("route", obj.table, obj.dst)
     if isinstance(obj, Neighbour):
         return ("neighbour", obj.dev, obj.address)
+    if isinstance(obj, Mark):
+        return ("mark", obj.iif, obj.src)
     return ("allowed", obj.domain, obj.prefix)
 
 
 def describe(obj: GatewayObject) -> str:
     if isinstance(obj, Rule):
-        iif = f" iif {obj.iif}" if obj.iif else ""
-        src = f" from {obj.src}" if obj.src else ""
+        selectors = "not " if obj.invert else ""
+        if obj.fwmark is not None:
+            selectors += f"fwmark {obj.fwmark:#x}/{obj.fwmask or 0:#x} "
+        selectors += f"iif {obj.iif} " if obj.iif else ""
+        selectors += f"from {obj.src} " if obj.src else ""
         target = {"lookup": f"lookup {obj.table}", "goto": f"goto {obj.target}"}
-        return (
-            f"rule {obj.priority}:{iif}{src} {target.get(obj.action, obj.action)} (IPv{obj.family})"
-        )
+        action = target.get(obj.action, obj.action)
+        return f"rule {obj.priority}: {selectors}{action} (IPv{obj.family})"
+    if isinstance(obj, Mark):
+        return describe_mark(obj)
     if isinstance(obj, Route):
         if obj.kind != "unicast":
             return f"route {obj.kind} {obj.dst} table {obj.table}"
@@ -270,15 +287,58 @@ class Ledger:
         return tuple(o.prefix for o in self if isinstance(o, Allowed) and o.domain == domain)
 
 
+def mask_shift(mask: int) -> int:
+    """The position of the lowest bit of ``mask``."""
+    return (mask & -mask).bit_length() - 1
+
+
+def mask_capacity(mask: int) -> int:
+    """How many marks other than 0 a mask of contiguous bits holds (0 if the bits are
+    not contiguous)."""
+    if mask <= 0:
+        return 0
+    values = mask >> mask_shift(mask)
+    return values if values & (values + 1) == 0 else 0
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """The numbers a gateway's objects carry."""
 
     priority: int
     protocol: int
+    tables: range
+    mark_mask: int
+
+    def __post_init__(self) -> None:
+        if mask_capacity(self.mark_mask) < len(self.tables):
+            raise InvalidSpec(
+                f"mark mask {self.mark_mask:#x} must be contiguous bits that number "
+                f"{len(self.tables)} tables"
+            )
 
     def rule(self, offset: int, family: int, **kwargs: object) -> Rule:
         return Rule(self.priority + offset, family, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
+
+    def mark(self, table: int) -> int:
+        return (self.tables.index(table) + 1) << mask_shift(self.mark_mask)
+
+    def table_of(self, mark: int) -> int | None:
+        """The table whose mark ``mark`` is, if it is one."""
+        position = (mark >> mask_shift(self.mark_mask)) - 1
+        if mark & ~self.mark_mask or not 0 <= position < len(self.tables):
+            return None
+        return self.tables[position]
+
+    def classify(self, iif: str, table: int, src: Address | None = None) -> Mark:
+        return Mark(iif, src, self.mark(table))
+
+    def table_rules(self, table: int) -> list[Rule]:
+        """What sends the packets marked for ``table`` to it."""
+        mark, mask = self.mark(table), self.mark_mask
+        return [
+            self.rule(LOOKUP, family, table=table, fwmark=mark, fwmask=mask) for family in (4, 6)
+        ]
 
     def route(self, dst: Network, table: int, **kwargs: object) -> Route:
         return Route(dst, table, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
@@ -286,15 +346,16 @@ class Policy:
     def defaults(self, table: int) -> list[Route]:
         return [self.route(dst, table, kind="unreachable") for dst in DEFAULTS]
 
-    def skip_rules(self) -> list[Rule]:
-        """What lets locally made packets past every tunnel's and wire's rules (see the
-        module's comments); shared by all tunnels and wires."""
-        target = self.priority + SKIPPED
+    def frame_rules(self) -> list[Rule]:
+        """What lets unmarked packets past the tables' rules and stops marked ones that
+        none of them took (see the module's comments); shared by all tunnels and wires."""
+        target, mask = self.priority + SKIPPED, self.mark_mask
         return [
             rule
             for family in (4, 6)
             for rule in (
-                self.rule(SKIP, family, action="goto", iif="lo", target=target),
+                self.rule(SKIP, family, action="goto", fwmark=0, fwmask=mask, target=target),
+                self.rule(GUARD, family, action="blackhole", fwmark=0, fwmask=mask, invert=True),
                 self.rule(SKIPPED, family, action="nop"),
             )
         ]
@@ -312,11 +373,9 @@ class TunnelPlan:
 
 def plan_tunnel(domain: str, naming: Naming, policy: Policy, table: int) -> TunnelPlan:
     iface = naming.tunnel(domain)
-    objects: list[GatewayObject] = [
-        policy.rule(FROM_LINK, family, table=table, iif=iface) for family in (4, 6)
-    ]
+    objects: list[GatewayObject] = [*policy.table_rules(table), *policy.frame_rules()]
     objects += policy.defaults(table)
-    objects += policy.skip_rules()
+    objects.append(policy.classify(iface, table))
     return TunnelPlan(domain, iface, table, tuple(objects))
 
 
@@ -333,18 +392,15 @@ class WirePlan:
     mtu: int
     workload_end: WorkloadEnd
     objects: tuple[GatewayObject, ...]
-    tables: tuple[TableKey, ...] = field(default=())
+    table: TableKey
 
 
-def wire_tables(wire: Wire) -> tuple[TableKey, ...]:
-    """The tables a wire uses: its peer's, and one of its own unless it is the client
-    wire of a cross-domain connection."""
-    keys: list[TableKey] = []
-    if wire.peer is not None:
-        keys.append(("peer", wire.peer))
-    if wire.peer is None or isinstance(wire, EndpointWire):
-        keys.append(("connection", wire.connection_id))
-    return tuple(keys)
+def wire_table(wire: Wire) -> TableKey:
+    """The table a wire's traffic is looked up in, both ways: its peer's for the client
+    wire of a cross-domain connection, else its connection's own."""
+    if wire.peer is not None and isinstance(wire, ClientWire):
+        return ("peer", wire.peer)
+    return ("connection", wire.connection_id)
 
 
 def plan_wire(
@@ -364,43 +420,31 @@ def plan_wire(
     own, other = wire.address, wire.other_address
     own_host, other_host = host_prefix(own.ip), host_prefix(other.ip)
 
-    def table(key: TableKey) -> int:
-        number = tables.get(key)
-        if number is None:
-            raise RuntimeError(f"no table assigned for {key}")
-        return number
+    key = wire_table(wire)
+    table = tables.get(key)
+    if table is None:
+        raise RuntimeError(f"no table assigned for {key}")
 
-    # Where traffic from the workload is looked up (outbound), and where traffic to it
-    # is (inbound): the peer's table, or the connection's own (see the module's doc).
-    if wire.peer is None:
-        outbound = inbound = table(("connection", cid))
-    else:
-        outbound = table(("peer", wire.peer))
-        inbound = outbound if isinstance(wire, ClientWire) else table(("connection", cid))
-
-    objects: list[GatewayObject] = [Neighbour(veth, own.ip, workload_mac), *policy.skip_rules()]
-    # Delivery into the veth: the workload's address, and for an endpoint what it offers.
-    objects.append(policy.route(own_host, inbound, dev=veth))
-    sources: list[Network] = [own_host]
-    if isinstance(wire, EndpointWire):
-        objects += [policy.route(dst, inbound, dev=veth, via=own.ip) for dst in wire.routes]
-        sources += wire.routes
-    if ("connection", cid) in wire_tables(wire):
-        objects += policy.defaults(inbound)  # the connection's own table
-    # What the workload sends, by source; everything else from it is dropped.
-    objects += [
-        policy.rule(FROM_LINK, src.version, table=outbound, iif=veth, src=src) for src in sources
+    objects: list[GatewayObject] = [
+        Neighbour(veth, own.ip, workload_mac),
+        *policy.frame_rules(),
+        # Delivery into the veth: the workload's address, and for an endpoint what it
+        # offers; the same routes pass the source guard of what the workload sends.
+        policy.route(own_host, table, dev=veth),
     ]
-    objects += [policy.rule(GUARD, family, action="blackhole", iif=veth) for family in (4, 6)]
+    if isinstance(wire, EndpointWire):
+        objects += [policy.route(dst, table, dev=veth, via=own.ip) for dst in wire.routes]
+    if key[0] == "connection":
+        objects += [*policy.table_rules(table), *policy.defaults(table)]
     if wire.peer is not None:
         tunnel = naming.tunnel(wire.peer)
         remote = [other_host, *wire.routes] if isinstance(wire, ClientWire) else [other_host]
-        objects += [policy.route(dst, outbound, dev=tunnel) for dst in remote]
+        objects += [policy.route(dst, table, dev=tunnel) for dst in remote]
         objects += [Allowed(wire.peer, dst) for dst in remote]
         if isinstance(wire, EndpointWire):
-            objects.append(
-                policy.rule(FROM_PEER, other.version, table=inbound, iif=tunnel, src=other_host)
-            )
+            # The client's packets, told apart from other clients' by their source.
+            objects.append(policy.classify(tunnel, table, other.ip))
+    objects.append(policy.classify(veth, table))
     end = WorkloadEnd(
         netns=workload_netns,
         name=wire.interface,
@@ -418,5 +462,5 @@ def plan_wire(
         mtu=mtu,
         workload_end=end,
         objects=tuple(objects),
-        tables=wire_tables(wire),
+        table=key,
     )

@@ -64,6 +64,8 @@ ROUTE_TYPES = {"unicast": 1, "local": 2, "blackhole": 6, "unreachable": 7, "proh
 ROUTE_KINDS = {v: k for k, v in ROUTE_TYPES.items()}
 
 FRA_SRC, FRA_IIFNAME, FRA_GOTO, FRA_PRIORITY, FRA_TABLE, FRA_PROTOCOL = 2, 3, 4, 6, 15, 21
+FRA_FWMARK, FRA_FWMASK = 10, 16
+FIB_RULE_INVERT = 0x2
 RULE_ACTIONS = {"lookup": 1, "goto": 2, "nop": 3, "blackhole": 6, "unreachable": 7, "prohibit": 8}
 RULE_NAMES = {v: k for k, v in RULE_ACTIONS.items()}
 
@@ -112,17 +114,21 @@ def mac_bytes(mac: str) -> bytes:
     return bytes.fromhex(mac.replace(":", ""))
 
 
-def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """The attributes from ``offset`` on, by type (flag bits removed; the last wins)."""
-    out: dict[int, bytes] = {}
+def iter_attrs(data: bytes, offset: int = 0) -> Iterator[tuple[int, bytes]]:
+    """(type, payload) of the attributes from ``offset`` on, in order, flag bits removed;
+    a truncated attribute ends them."""
     end = len(data)
     while offset + ATTR.size <= end:
         length, kind = ATTR.unpack_from(data, offset)
         if length < ATTR.size or offset + length > end:
-            break
-        out[kind & 0x3FFF] = data[offset + ATTR.size : offset + length]
+            return
+        yield kind & 0x3FFF, data[offset + ATTR.size : offset + length]
         offset += _align(length)
-    return out
+
+
+def parse_attrs(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """The attributes from ``offset`` on, by type (the last wins)."""
+    return dict(iter_attrs(data, offset))
 
 
 def cstr(value: bytes | None) -> str | None:
@@ -154,6 +160,8 @@ class Request:
     body: bytes
     action: str
     ignore: frozenset[int] = frozenset()
+    ack: bool = True
+    """False for messages the kernel does not answer (the ends of an nfnetlink batch)."""
 
     @property
     def dump(self) -> bool:
@@ -195,10 +203,10 @@ def _error(flags: int, payload: bytes) -> tuple[int, str | None]:
 
 
 class NetlinkSocket:
-    """A non-blocking ``NETLINK_ROUTE`` socket (made in whatever namespace it belongs
-    to) that sends batches of requests and collects each one's answer. One batch at a
-    time; answers to a batch that was cancelled are recognised by their sequence numbers
-    and dropped."""
+    """A non-blocking netlink socket (``NETLINK_ROUTE`` unless told otherwise; made in
+    whatever namespace it belongs to) that sends batches of requests and collects each
+    one's answer. One batch at a time; answers to a batch that was cancelled are
+    recognised by their sequence numbers and dropped."""
 
     RECV_SIZE = 1 << 16  # the kernel fills dump datagrams up to 32 KiB
 
@@ -215,9 +223,9 @@ class NetlinkSocket:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def open(cls) -> NetlinkSocket:
+    def open(cls, protocol: int = socket.NETLINK_ROUTE) -> NetlinkSocket:
         """A socket in the calling thread's network namespace."""
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
         try:
             return cls(sock)
         except BaseException:
@@ -240,9 +248,11 @@ class NetlinkSocket:
             datagram = bytearray()
             for i, req in enumerate(requests):
                 seq = self._next_seq()
-                index[seq] = i
+                if req.ack or req.dump:
+                    index[seq] = i
                 # A dump ends with NLMSG_DONE; anything else is asked to acknowledge.
-                flags = NLM_F_REQUEST | req.flags | (0 if req.dump else NLM_F_ACK)
+                ack = req.ack and not req.dump
+                flags = NLM_F_REQUEST | req.flags | (NLM_F_ACK if ack else 0)
                 datagram += HEADER.pack(HEADER.size + len(req.body), req.type, flags, seq, 0)
                 datagram += req.body
             replies = [Reply() for _ in requests]
@@ -540,6 +550,11 @@ class Rule:
     iif: str | None = None
     src: Network | None = None
     target: int = 0
+    fwmark: int | None = None
+    """With ``fwmask``: packets whose mark, masked, is this (``fwmark 0``: unmarked)."""
+    fwmask: int | None = None
+    invert: bool = False
+    """``not``: the rule applies to the packets its selectors do not match."""
     protocol: int = field(default=0, compare=False)
 
 
@@ -549,7 +564,8 @@ def _rule_body(rule: Rule) -> bytes:
         raise ValueError(f"rule action {rule.action!r} is not one of {sorted(RULE_ACTIONS)}")
     src_len = rule.src.prefixlen if rule.src is not None else 0
     table_byte = rule.table if rule.action == "lookup" and rule.table < 256 else 0
-    body = FIBRULE.pack(AF[rule.family], 0, src_len, 0, table_byte, 0, 0, action, 0)
+    flags = FIB_RULE_INVERT if rule.invert else 0
+    body = FIBRULE.pack(AF[rule.family], 0, src_len, 0, table_byte, 0, 0, action, flags)
     body += attr_u32(FRA_PRIORITY, rule.priority)
     if rule.action == "lookup":
         body += attr_u32(FRA_TABLE, rule.table)
@@ -559,6 +575,11 @@ def _rule_body(rule: Rule) -> bytes:
         body += attr_str(FRA_IIFNAME, rule.iif)
     if rule.src is not None:
         body += attr_addr(FRA_SRC, rule.src.network_address)
+    if rule.fwmark is not None or rule.fwmask is not None:
+        # Both, always: the kernel takes a mark without a mask as "all 32 bits", except
+        # for mark 0, which it takes as "any mark".
+        body += attr_u32(FRA_FWMARK, rule.fwmark or 0)
+        body += attr_u32(FRA_FWMASK, 0xFFFFFFFF if rule.fwmask is None else rule.fwmask)
     if rule.protocol:
         body += attr(FRA_PROTOCOL, bytes([rule.protocol]))
     return body
@@ -577,13 +598,15 @@ def dump_rules() -> Request:
 
 
 def parse_rule(payload: bytes) -> Rule | None:
-    family, _, src_len, _, table_byte, _, _, action, _ = FIBRULE.unpack_from(payload)
+    family, _, src_len, _, table_byte, _, _, action, flags = FIBRULE.unpack_from(payload)
     version = VERSION.get(family)
     if version is None:
         return None
     attrs = parse_attrs(payload, FIBRULE.size)
     src = attrs.get(FRA_SRC)
     protocol = attrs.get(FRA_PROTOCOL)
+    # The kernel reports a mask whenever the rule looks at marks at all.
+    fwmask = u32(attrs.get(FRA_FWMASK))
     return Rule(
         priority=u32(attrs.get(FRA_PRIORITY)) or 0,
         family=version,
@@ -592,6 +615,9 @@ def parse_rule(payload: bytes) -> Rule | None:
         iif=cstr(attrs.get(FRA_IIFNAME)),
         src=ipaddress.ip_network((ip(src), src_len)) if src else None,
         target=u32(attrs.get(FRA_GOTO)) or 0,
+        fwmark=None if fwmask is None else u32(attrs.get(FRA_FWMARK)) or 0,
+        fwmask=fwmask,
+        invert=bool(flags & FIB_RULE_INVERT),
         protocol=protocol[0] if protocol else 0,
     )
 

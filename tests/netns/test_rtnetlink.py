@@ -48,6 +48,9 @@ def test_a_route_of_an_unknown_type_is_refused() -> None:
         nl.Rule(1001, 6, table=70000, src=NETS[1]),
         nl.Rule(1000, 4, action="goto", iif="lo", target=1004, protocol=99),
         nl.Rule(1004, 6, action="nop"),
+        nl.Rule(1000, 4, action="goto", fwmark=0, fwmask=0x1FFFF, target=1004),
+        nl.Rule(1001, 6, table=100_005, fwmark=0x6, fwmask=0x1FFFF, protocol=99),
+        nl.Rule(1002, 4, action="blackhole", fwmark=0, fwmask=0x1FFFF, invert=True),
     ],
 )
 def test_a_rule_parses_back(rule: nl.Rule) -> None:

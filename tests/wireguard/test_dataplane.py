@@ -13,7 +13,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from wireguard.netns import (
     netns_pids,
     run,
 )
+from wireguard.nftables import Mark, Nft
 from wireguard.wires import ClientWire, EndpointWire, PeerTunnel, process_start_ticks
 
 pytestmark = [needs_wireguard_go, pytest.mark.root]
@@ -259,10 +260,13 @@ async def ping(
     interval: float = 0.2,
     size: int | None = None,
     df: bool = False,
+    source: str | None = None,
 ) -> tuple[int, int]:
     argv = [*_in(where), "ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", "1"]
     if size is not None:
         argv += ["-s", str(size)]
+    if source is not None:
+        argv += ["-I", source]
     if df:
         argv += ["-M", "do"]
     out = await run(*argv, dst, check=False)
@@ -458,37 +462,79 @@ async def test_a_wire_carries_ping_and_tcp_and_wg_show_agrees(dlab: DataplaneLab
         assert [a for _, a in await rtnl.addresses("nsm0") if a.version == 4] == [CLIENT_ADDRESS]
 
 
-async def test_locally_made_packets_jump_over_the_wires_rules(dlab: DataplaneLab) -> None:
-    """Every lookup walks the rules as a list; a packet the gateway node sends itself
-    (WireGuard's datagrams) goes from P+0 straight to the nop at P+4, past whatever
-    P+1..P+3 hold. A rule planted there, into a table where nothing is reachable, shows
-    it: the node's own packets get past it, a workload's are caught (where the wire's
-    guard would have answered EINVAL)."""
+async def test_unmarked_packets_jump_over_the_tables_rules(dlab: DataplaneLab) -> None:
+    """Every lookup walks the rules as a list. A packet without fedgw's mark (the node's
+    own, WireGuard's datagrams among them, or anything only passing through) goes from
+    P+0 straight to the nop at P+4, past whatever P+1..P+3 hold; a marked one that no
+    table's rule takes is dropped at P+2. A rule planted at P+1, into a table where
+    nothing is reachable, shows both."""
     p = await two_domains(dlab)
-    cw, ew = p.wires()
-    await p.attach(cw, ew)
-    [wire] = (await p.a.dataplane.state()).wires
-    base = p.a.dataplane.settings.rule_priority
+    await p.attach(*p.wires())
+    settings = p.a.dataplane.settings
+    base, unused_mark = settings.rule_priority, settings.mark_mask
     peer_b = p.b.addresses["a"]
-    await run("ip", "-n", p.a.netns, "route", "add", "unreachable", "default", "table", "99")
-    await run("ip", "-n", p.a.netns, "rule", "add", "pref", str(base + 2), "lookup", "99")
-    own = await run("ip", "-n", p.a.netns, "route", "get", peer_b)
-    assert own.startswith(peer_b)
-    # From the veth, with a source the wire does not own: the wire's rule does not match.
-    with pytest.raises(CommandFailed, match="No route to host"):
-        await run(
-            "ip", "-n", p.a.netns, "route", "get", peer_b,
-            "from", "10.255.0.1", "iif", wire.gateway_interface,
-        )  # fmt: skip
-    await run("ip", "-n", p.a.netns, "rule", "del", "pref", str(base + 2), "lookup", "99")
-    # The same for IPv6, to a prefix the node routes itself.
-    ns6 = ("ip", "-6", "-n", p.a.netns)
-    await run(*ns6, "route", "add", "fd00:99::/64", "dev", "lo")
-    await run(*ns6, "route", "add", "unreachable", "default", "table", "99")
-    await run(*ns6, "rule", "add", "pref", str(base + 2), "lookup", "99")
-    assert (await run(*ns6, "route", "get", "fd00:99::1")).startswith("fd00:99::1")
-    await run(*ns6, "rule", "del", "pref", str(base + 2), "lookup", "99")
+    for family, dst in ((4, peer_b), (6, "fd00:99::1")):
+        ns = ("ip", f"-{family}", "-n", p.a.netns)
+        if family == 6:
+            await run(*ns, "route", "add", "fd00:99::/64", "dev", "lo")
+        await run(*ns, "route", "add", "unreachable", "default", "table", "99")
+        await run(*ns, "rule", "add", "pref", str(base + 1), "lookup", "99")
+        assert (await run(*ns, "route", "get", dst)).startswith(dst)
+        with pytest.raises(CommandFailed, match="No route to host"):
+            await run(*ns, "route", "get", dst, "mark", str(unused_mark))
+        await run(*ns, "rule", "del", "pref", str(base + 1), "lookup", "99")
+        with pytest.raises(CommandFailed, match="Invalid argument"):  # the blackhole
+            await run(*ns, "route", "get", dst, "mark", str(unused_mark))
     assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
+
+
+async def _count_sources(netns: str, sources: list[str]) -> Callable[[], Awaitable[list[int]]]:
+    """Count, in ``netns``, the packets that arrive from each of ``sources``."""
+    rules = "".join(f"ip saddr {src} counter\n" for src in sources)
+    script = (
+        "table inet spy {\n chain c {\n type filter hook prerouting priority -300;\n"
+        f"{rules} }}\n}}\n"
+    )
+    await run("ip", "netns", "exec", netns, "nft", "-f", "-", input=script.encode())
+
+    async def counts() -> list[int]:
+        out = await run("ip", "netns", "exec", netns, "nft", "list", "table", "inet", "spy")
+        return [int(n) for n in re.findall(r"counter packets (\d+)", out)]
+
+    return counts
+
+
+async def test_a_workload_cannot_send_from_an_address_it_was_not_given(
+    dlab: DataplaneLab,
+) -> None:
+    """The source guard: a client may send from its address only, an endpoint from its
+    address and the prefixes it offers. The forged sources here belong to a second
+    connection through the same tunnel, so the far side's WireGuard would let them in
+    (its allowed IPs hold them): only the guard stops them. Counted where they would
+    arrive."""
+    p = await two_domains(dlab)
+    c2, e2 = await dlab.workload("c2"), await dlab.workload("e2", service=SERVICE_ADDRESS)
+    one, two = p.wires("conn-1", 1), p.wires("conn-2", 2, client=c2, endpoint=e2)
+    await p.attach(*one)
+    await p.attach(*two)
+    client1, client2 = (str(cw.address.ip) for cw, _ in (one, two))
+    endpoint2 = str(two[1].address.ip)
+
+    # The client of conn-1 sends as the client of conn-2, whose endpoint would get it.
+    at_e1 = await _count_sources(p.endpoint, [client1])
+    at_e2 = await _count_sources(e2, [client2])
+    await run("ip", "-n", p.client, "address", "add", f"{client2}/32", "dev", "nsm0")
+    assert await ping(p.client, SERVICE_ADDRESS, count=2, interval=0.05, source=client1) == (2, 2)
+    await ping(p.client, SERVICE_ADDRESS, count=2, interval=0.05, source=client2)
+    assert (await at_e1(), await at_e2()) == ([2], [0])
+
+    # The endpoint of conn-1: from an offered prefix, yes; as conn-2's endpoint, no.
+    offered = str(OFFERED.network_address + 9)
+    at_c1 = await _count_sources(p.client, [offered, endpoint2])
+    for address in (offered, endpoint2):
+        await run("ip", "-n", p.endpoint, "address", "add", f"{address}/32", "dev", "lo")
+        await ping(p.endpoint, client1, count=2, interval=0.05, source=address)
+    assert await at_c1() == [2, 0]
 
 
 async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -> None:
@@ -794,9 +840,11 @@ async def test_the_reconciler_builds_repairs_and_removes(dlab: DataplaneLab) -> 
     driver = dlab.userspace()
     stale_tunnel = f"{prefix}w{'z' * (14 - len(prefix))}"
     stranger = await dlab.workload("x")
+    async with Nft(p.a.netns, prefix) as nft:
+        [veth1_mark] = [m for m in await nft.marks() if m.iif == veth1]
+        await nft.delete([veth1_mark])
+        await nft.add([Mark(f"{prefix}cgone", None, 0x5)])
     async with Rtnl(p.a.netns) as rtnl:
-        [rule] = [r for r in await rtnl.rules() if r.iif == veth1 and r.src is not None]
-        await rtnl.delete_rule(rule)
         [route] = [r for r in await rtnl.routes(settings.tables) if r.dst == OFFERED]
         await rtnl.delete_route(route)
         await rtnl.delete_neighbour(Neighbour(veth2, two[0].address.ip, "00:00:00:00:00:00"))
@@ -821,7 +869,8 @@ async def test_the_reconciler_builds_repairs_and_removes(dlab: DataplaneLab) -> 
     assert report.failures == []
     text = "\n".join(report.changes)
     for expected in (
-        f"iif {veth1} from 172.16.0.3/32 lookup",
+        f"mark {veth1_mark.mark:#x} on {veth1}",
+        f"mark 0x5 on {prefix}cgone removed",
         f"route 10.60.0.0/16 dev {tunnel}",
         "neighbour 172.16.0.5 lladdr",
         "address 172.16.0.3/31 on nsm0",
@@ -896,8 +945,6 @@ async def test_mss_clamping_lets_larger_workload_mtus_through(dlab: DataplaneLab
     # Workloads at 1500 behind a 1420 tunnel: without clamping, full-size segments
     # would be dropped at the tunnel and nobody would hear why.
     await p.attach(*p.wires(mtu=1500))
-    tables = await _clamping_tables(p.a.netns)
-    assert tables == [f"table inet fedgw_{dlab.prefix}"]
     ruleset = await run(
         "ip", "netns", "exec", p.a.netns, "nft", "list", "table", "inet", f"fedgw_{dlab.prefix}"
     )

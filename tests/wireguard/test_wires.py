@@ -11,11 +11,12 @@ import pytest
 from pydantic import ValidationError
 
 from fedgw.models import Workload
-from wireguard import clamping
+from wireguard import nftables
 from wireguard.dataplane import DataplaneSettings
 from wireguard.errors import InvalidSpec, NamespaceNotFound, WireConflict
 from wireguard.keys import PrivateKey
 from wireguard.netns import Neighbour, Route, Rule
+from wireguard.nftables import Mark
 from wireguard.routing import (
     Allowed,
     Ledger,
@@ -24,7 +25,7 @@ from wireguard.routing import (
     TableAllocator,
     plan_tunnel,
     plan_wire,
-    wire_tables,
+    wire_table,
 )
 from wireguard.wires import (
     ClientWire,
@@ -39,7 +40,8 @@ E = ipaddress.ip_interface("172.16.1.0/31")
 C = ipaddress.ip_interface("172.16.1.1/31")
 OFFERED = ipaddress.ip_network("10.60.0.0/16")
 NAMING = Naming("fgw", "gw-a")
-POLICY = Policy(priority=20000, protocol=147)
+TABLES = range(100, 200)
+POLICY = Policy(priority=20000, protocol=147, tables=TABLES, mark_mask=0xFF00)
 
 
 def net(text: str) -> Any:
@@ -163,19 +165,45 @@ def test_the_ledger_counts_shared_objects_and_refuses_contradictions() -> None:
 # --- plans -----------------------------------------------------------------------------------
 
 
-# Locally made packets jump over every tunnel's and wire's rules: shared by all plans.
-SKIP = {
-    Rule(20000, 4, action="goto", iif="lo", target=20004),
-    Rule(20000, 6, action="goto", iif="lo", target=20004),
-    Rule(20004, 4, action="nop"),
-    Rule(20004, 6, action="nop"),
+# Unmarked packets jump over the tables' rules, marked ones that no table took are
+# dropped: shared by all plans.
+FRAME = {
+    rule
+    for family in (4, 6)
+    for rule in (
+        Rule(20000, family, action="goto", fwmark=0, fwmask=0xFF00, target=20004),
+        Rule(20002, family, action="blackhole", fwmark=0, fwmask=0xFF00, invert=True),
+        Rule(20004, family, action="nop"),
+    )
 }
 
 
+def mark(table: int) -> int:
+    return (table - 100 + 1) << 8
+
+
+def lookups(table: int) -> set[Rule]:
+    return {Rule(20001, f, table, fwmark=mark(table), fwmask=0xFF00) for f in (4, 6)}
+
+
+def unreachable(table: int) -> set[Route]:
+    return {Route(net(dst), table, kind="unreachable") for dst in ("0.0.0.0/0", "::/0")}
+
+
+def test_marks_number_the_tables_inside_the_mask() -> None:
+    assert [POLICY.mark(t) for t in (100, 101, 199)] == [0x100, 0x200, 0x6400]
+    assert [POLICY.table_of(m) for m in (0x100, 0x6400)] == [100, 199]
+    # Not a mark of fedgw's: bits outside the mask, none set, or beyond the range.
+    assert [POLICY.table_of(m) for m in (0x101, 0, 0x6500)] == [None, None, None]
+    with pytest.raises(InvalidSpec, match="contiguous"):
+        Policy(priority=1, protocol=147, tables=TABLES, mark_mask=0xF0F0)
+    with pytest.raises(InvalidSpec, match="100 tables"):
+        Policy(priority=1, protocol=147, tables=TABLES, mark_mask=0x3F)
+
+
 def plan(wire: Wire) -> tuple[Any, TableAllocator]:
-    tables = TableAllocator(range(100, 200))
-    for key in wire_tables(wire):
-        tables.assign(key)
+    tables = TableAllocator(TABLES)
+    tables.assign(wire_table(wire))
     return (
         plan_wire(wire, naming=NAMING, policy=POLICY, tables=tables, workload_netns="ns", mtu=1420),
         tables,
@@ -188,7 +216,8 @@ def test_a_client_wire_routes_through_its_peers_table() -> None:
     t_peer = tables.get(("peer", "b.example"))
     assert t_peer is not None
     veth, tunnel = p.veth, NAMING.tunnel("b.example")
-    assert wire_tables(wire) == (("peer", "b.example"),)
+    assert wire_table(wire) == ("peer", "b.example")
+    # No rule of its own: its veth's packets are marked for the peer's table.
     assert (
         set(p.objects)
         == {
@@ -196,13 +225,11 @@ def test_a_client_wire_routes_through_its_peers_table() -> None:
             Route(net("172.16.1.1/32"), t_peer, dev=veth),
             Route(net("172.16.1.0/32"), t_peer, dev=tunnel),
             Route(OFFERED, t_peer, dev=tunnel),
-            Rule(20002, 4, t_peer, iif=veth, src=net("172.16.1.1/32")),
-            Rule(20003, 4, action="blackhole", iif=veth),
-            Rule(20003, 6, action="blackhole", iif=veth),
+            Mark(veth, None, mark(t_peer)),
             Allowed("b.example", net("172.16.1.0/32")),
             Allowed("b.example", OFFERED),
         }
-        | SKIP
+        | FRAME
     )
     end = p.workload_end
     assert (end.name, end.address, end.next_hop, end.routes, end.mtu) == (
@@ -213,57 +240,50 @@ def test_a_client_wire_routes_through_its_peers_table() -> None:
         1420,
     )
     assert end.gateway_mac == p.mac
-    # The tunnel's own objects: its rules and the table's unreachable defaults.
+    # The tunnel's own objects: its table's rules and defaults, and its mark.
     tp = plan_tunnel("b.example", NAMING, POLICY, t_peer)
-    assert (
-        set(tp.objects)
-        == {
-            Rule(20002, 4, t_peer, iif=tunnel),
-            Rule(20002, 6, t_peer, iif=tunnel),
-            Route(net("0.0.0.0/0"), t_peer, kind="unreachable"),
-            Route(net("::/0"), t_peer, kind="unreachable"),
-        }
-        | SKIP
+    assert set(tp.objects) == (
+        {Mark(tunnel, None, mark(t_peer))} | lookups(t_peer) | unreachable(t_peer) | FRAME
     )
 
 
 def test_an_endpoint_wire_gets_a_table_chosen_by_the_clients_source() -> None:
     wire = endpoint()
     p, tables = plan(wire)
-    t_peer, t_conn = tables.get(("peer", "a.example")), tables.get(("connection", "conn-1"))
-    assert t_peer is not None
-    assert t_conn not in (None, t_peer)
+    t_conn = tables.get(("connection", "conn-1"))
+    assert t_conn is not None
     veth, tunnel = p.veth, NAMING.tunnel("a.example")
-    assert (
-        set(p.objects)
-        == {
+    # One table both ways: what the tunnel brings from the client, and what the veth
+    # brings back; its routes are also what the source guard checks sources against.
+    assert set(p.objects) == (
+        {
             Neighbour(veth, E.ip, NAMING.mac("conn-1", "endpoint", "workload")),
             Route(net("172.16.1.0/32"), t_conn, dev=veth),
             Route(OFFERED, t_conn, dev=veth, via=E.ip),
-            Route(net("0.0.0.0/0"), t_conn, kind="unreachable"),
-            Route(net("::/0"), t_conn, kind="unreachable"),
-            Route(net("172.16.1.1/32"), t_peer, dev=tunnel),
-            Rule(20001, 4, t_conn, iif=tunnel, src=net("172.16.1.1/32")),
-            Rule(20002, 4, t_peer, iif=veth, src=net("172.16.1.0/32")),
-            Rule(20002, 4, t_peer, iif=veth, src=OFFERED),
-            Rule(20003, 4, action="blackhole", iif=veth),
-            Rule(20003, 6, action="blackhole", iif=veth),
+            Route(net("172.16.1.1/32"), t_conn, dev=tunnel),
+            Mark(tunnel, C.ip, mark(t_conn)),
+            Mark(veth, None, mark(t_conn)),
             Allowed("a.example", net("172.16.1.1/32")),
         }
-        | SKIP
+        | lookups(t_conn)
+        | unreachable(t_conn)
+        | FRAME
     )
     assert p.workload_end.routes == ()
 
 
 def test_the_two_halves_of_a_local_connection_share_one_table() -> None:
     c, e = client(peer=None), endpoint(peer=None)
-    assert wire_tables(c) == wire_tables(e) == (("connection", "conn-1"),)
+    assert wire_table(c) == wire_table(e) == ("connection", "conn-1")
     pc, tables = plan(c)
     pe = plan_wire(e, naming=NAMING, policy=POLICY, tables=tables, workload_netns="e", mtu=1420)
     t = tables.get(("connection", "conn-1"))
     assert not [o for o in (*pc.objects, *pe.objects) if isinstance(o, Allowed)]
+    assert t is not None
     tables_used = {o.table for o in (*pc.objects, *pe.objects) if isinstance(o, Route | Rule)}
     assert tables_used == {t, 0}  # 0: the blackhole, goto and nop rules
+    marks = {o for o in (*pc.objects, *pe.objects) if isinstance(o, Mark)}
+    assert marks == {Mark(pc.veth, None, mark(t)), Mark(pe.veth, None, mark(t))}
     ledger = Ledger()
     ledger.acquire(pc.objects)
     ledger.check(pe.objects, "the other half")  # the shared defaults agree
@@ -271,12 +291,11 @@ def test_the_two_halves_of_a_local_connection_share_one_table() -> None:
 
 
 def test_overlapping_pairs_conflict_within_a_peer_only() -> None:
-    tables = TableAllocator(range(100, 200))
+    tables = TableAllocator(TABLES)
     ledger = Ledger()
 
     def add(wire: Wire) -> None:
-        for key in wire_tables(wire):
-            tables.assign(key)
+        tables.assign(wire_table(wire))
         p = plan_wire(
             wire, naming=NAMING, policy=POLICY, tables=tables, workload_netns="n", mtu=1420
         )
@@ -348,16 +367,24 @@ def test_settings_are_checked() -> None:
         DataplaneSettings(table_base=250, table_count=16)
     with pytest.raises(ValidationError):
         DataplaneSettings(rule_priority=32765)
+    with pytest.raises(ValidationError, match="mark_mask"):
+        DataplaneSettings(mark_mask=0xFFF)
 
 
-def test_the_clamping_ruleset_names_the_gateways_tunnels() -> None:
-    text = clamping.ruleset("fgw", "w")
-    assert "table inet fedgw_fgw {" in text
+def test_the_ruleset_names_the_gateways_interfaces_and_clamps_on_request() -> None:
+    text = nftables.ruleset("fgw", NAMING.patterns(), clamp_tunnels=NAMING.tunnel_pattern())
+    assert "add table inet fedgw_fgw\n" in text
+    for pattern in ("fgww*", "fgwc*", "fgwe*"):
+        assert f'add rule inet fedgw_fgw classify iifname "{pattern}" drop\n' in text
     assert (
         'oifname "fgww*" tcp flags & (syn | rst) == syn tcp option maxseg size set rt mtu' in text
     )
-    assert 'iifname "fgww*"' in text
-    assert text.startswith("table inet fedgw_fgw\ndelete table inet fedgw_fgw\n")
+    assert "delete chain" not in text
+    # Applied again without clamping: the chain goes, nothing else does.
+    plain = nftables.ruleset("fgw", NAMING.patterns(), clamp_tunnels=None)
+    assert "maxseg" not in plain
+    assert plain.endswith("delete chain inet fedgw_fgw forward\n")
+    assert "delete table" not in plain and "flush table" not in plain
 
 
 # --- workloads ---------------------------------------------------------------------------------
