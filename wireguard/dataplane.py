@@ -36,7 +36,6 @@ from wireguard.errors import (
 from wireguard.netns import Address, Link, Neighbour, Route, Rtnl, Rule, in_netns
 from wireguard.nftables import Mark, Nft
 from wireguard.routing import (
-    PRIORITY_SPAN,
     Allowed,
     GatewayObject,
     Ledger,
@@ -52,6 +51,7 @@ from wireguard.routing import (
     object_key,
     plan_tunnel,
     plan_wire,
+    priority_span,
     wire_table,
 )
 from wireguard.wires import (
@@ -115,8 +115,8 @@ class DataplaneSettings(BaseModel):
     rule_priority: int = Field(
         20_000,
         ge=1,
-        le=32765 - PRIORITY_SPAN,
-        description=f"fedgw's rules take {PRIORITY_SPAN} priorities from here",
+        description="fedgw's rules take priorities from here (5 plus 2 per 64 tables), "
+        "all before the main table's (32766)",
     )
     route_protocol: int = Field(
         147, ge=5, le=255, description="protocol number tagging fedgw's routes and rules"
@@ -144,6 +144,11 @@ class DataplaneSettings(BaseModel):
             raise ValueError(
                 f"tables {self.tables.start}..{self.tables.stop - 1} overlap reserved ones"
             )
+        if self.priorities.stop > 32766:
+            raise ValueError(
+                f"rule priorities {self.priorities.start}..{self.priorities.stop - 1} "
+                "must come before the main table's (32766): lower rule_priority or table_count"
+            )
         if mask_capacity(self.mark_mask) < self.table_count:
             raise ValueError(
                 f"mark_mask {self.mark_mask:#x} must be contiguous bits that number "
@@ -157,7 +162,7 @@ class DataplaneSettings(BaseModel):
 
     @property
     def priorities(self) -> range:
-        return range(self.rule_priority, self.rule_priority + PRIORITY_SPAN)
+        return range(self.rule_priority, self.rule_priority + priority_span(self.table_count))
 
 
 # --- status ----------------------------------------------------------------------------------

@@ -43,16 +43,24 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   it came in on (``fib saddr . mark . iif``), which is every wire's source guard, and
 #   drops what arrives unmarked on one of fedgw's interfaces.
 # - The kernel walks rules as a list on every lookup, so the rules are per table, not
-#   per wire, and unmarked packets jump over them. At ``base`` (``P``) and up::
+#   per wire; unmarked packets jump over them, and marked ones find their table's rule
+#   in two short walks: tables come in buckets of 64 (by mark), each bucket's rules
+#   behind a ``goto`` of their own. At ``base`` (``P``) and up, with ``b`` a bucket::
 #
-#       P+0  fwmark 0/<mask> goto P+4                   IPv4 and IPv6
-#       P+1  fwmark <mark of T>/<mask> lookup T         per table, IPv4 and IPv6
-#       P+2  not fwmark 0/<mask> blackhole              IPv4 and IPv6
-#       P+4  nop                                        IPv4 and IPv6
+#       P+0       fwmark 0/<mask> goto <end>                           IPv4 and IPv6
+#       P+1       fwmark <bucket b>/<mask of buckets> goto P+3+2b      per bucket in use
+#       P+2       not fwmark 0/<mask> blackhole                        IPv4 and IPv6
+#       P+3+2b    fwmark <mark of T>/<mask> lookup T                   per table in b
+#       P+4+2b    blackhole                                            per bucket in use
+#       <end>     nop                                                  IPv4 and IPv6
 #
-#   P+2 catches a marked packet whose table has just gone; P+3 is free. Every table ends
-#   in an ``unreachable default`` (both families), so that nothing falls through either.
-#   A mark is the table's position in fedgw's range plus one, shifted into the mask.
+#   A marked packet walks the buckets in use and the tables of its own bucket: about
+#   100 rules for 10,000 tables, where one rule per table would be 10,000. P+2 and
+#   P+4+2b drop a marked packet whose table has just gone, so it cannot fall through
+#   to the main table. Tables are allocated lowest first, to fill buckets. Every table
+#   ends in an ``unreachable default`` (both families), so that nothing falls through
+#   either. A mark is the table's position in fedgw's range plus one, shifted into the
+#   mask.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
 #   priority is in ``P..P+4`` and, if they look a table up, that table is in fedgw's
 #   range; routes when their table is; every rule and route also carries fedgw's
@@ -60,8 +68,16 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 
 MAX_PREFIX = 6
 """At most 6 characters, so that 8 or more remain for a hash in a 15-character name."""
-SKIP, LOOKUP, GUARD, SKIPPED = 0, 1, 2, 4
-PRIORITY_SPAN = 5
+SKIP, BUCKETS, GUARD, LEAVES = 0, 1, 2, 3
+BUCKET_BITS = 6
+"""64 tables to a bucket."""
+
+
+def priority_span(table_count: int) -> int:
+    """How many rule priorities fedgw's rules take for ``table_count`` tables."""
+    return LEAVES + 2 * ((table_count >> BUCKET_BITS) + 1) + 1
+
+
 DEFAULTS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
 _ROLE_LETTER: dict[Role, str] = {"client": "c", "endpoint": "e"}
 TUNNEL_LETTER = "w"
@@ -141,13 +157,15 @@ class Naming:
 
 
 class TableAllocator:
-    """Routing-table numbers from a range, one per key: the first free number from a
-    hash of the key on, so that numbers mostly stay the same across runs."""
+    """Routing-table numbers from a range, one per key: the lowest free one, so that
+    tables fill the rules' buckets (a restarted gateway adopts the numbers in use)."""
 
     def __init__(self, tables: range) -> None:
         self.tables = tables
         self._by_key: dict[TableKey, int] = {}
         self._keys: dict[int, TableKey] = {}
+        self._lowest_free = 0
+        """No position below this one is free."""
 
     def get(self, key: TableKey) -> int | None:
         return self._by_key.get(key)
@@ -161,10 +179,10 @@ class TableAllocator:
             return found
         if len(self._keys) >= len(self.tables):
             raise WireConflict(f"all {len(self.tables)} routing tables are in use")
-        start = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "big")
-        offset = start % len(self.tables)
+        offset = self._lowest_free
         while self.tables[offset] in self._keys:
-            offset = (offset + 1) % len(self.tables)
+            offset += 1
+        self._lowest_free = offset + 1
         return self._take(key, self.tables[offset])
 
     def adopt(self, key: TableKey, table: int) -> bool:
@@ -183,6 +201,7 @@ class TableAllocator:
         table = self._by_key.pop(key, None)
         if table is not None:
             del self._keys[table]
+            self._lowest_free = min(self._lowest_free, self.tables.index(table))
 
     def keys(self) -> list[TableKey]:
         return list(self._by_key)
@@ -334,10 +353,28 @@ class Policy:
         return Mark(iif, src, self.mark(table))
 
     def table_rules(self, table: int) -> list[Rule]:
-        """What sends the packets marked for ``table`` to it."""
-        mark, mask = self.mark(table), self.mark_mask
+        """What sends the packets marked for ``table`` to it: its rule, and its bucket's
+        (shared with the other tables of the bucket)."""
+        mark, mask, shift = self.mark(table), self.mark_mask, mask_shift(self.mark_mask)
+        bucket = mark >> shift >> BUCKET_BITS
+        leaf = LEAVES + 2 * bucket
+        bucket_mark = bucket << BUCKET_BITS << shift
+        bucket_mask = mask & ~(((1 << BUCKET_BITS) - 1) << shift)
         return [
-            self.rule(LOOKUP, family, table=table, fwmark=mark, fwmask=mask) for family in (4, 6)
+            rule
+            for family in (4, 6)
+            for rule in (
+                self.rule(
+                    BUCKETS,
+                    family,
+                    action="goto",
+                    fwmark=bucket_mark,
+                    fwmask=bucket_mask,
+                    target=self.priority + leaf,
+                ),
+                self.rule(leaf, family, table=table, fwmark=mark, fwmask=mask),
+                self.rule(leaf + 1, family, action="blackhole"),
+            )
         ]
 
     def route(self, dst: Network, table: int, **kwargs: object) -> Route:
@@ -349,14 +386,16 @@ class Policy:
     def frame_rules(self) -> list[Rule]:
         """What lets unmarked packets past the tables' rules and stops marked ones that
         none of them took (see the module's comments); shared by all tunnels and wires."""
-        target, mask = self.priority + SKIPPED, self.mark_mask
+        end, mask = priority_span(len(self.tables)) - 1, self.mark_mask
         return [
             rule
             for family in (4, 6)
             for rule in (
-                self.rule(SKIP, family, action="goto", fwmark=0, fwmask=mask, target=target),
+                self.rule(
+                    SKIP, family, action="goto", fwmark=0, fwmask=mask, target=self.priority + end
+                ),
                 self.rule(GUARD, family, action="blackhole", fwmark=0, fwmask=mask, invert=True),
-                self.rule(SKIPPED, family, action="nop"),
+                self.rule(end, family, action="nop"),
             )
         ]
 

@@ -24,6 +24,7 @@ from wireguard.netns import (
     run,
     set_sysctl,
 )
+from wireguard.routing import Policy
 
 pytestmark = needs_root
 
@@ -134,3 +135,36 @@ async def test_a_session_leaves_the_thread_in_its_own_namespace(pair: tuple[str,
     assert os.stat("/proc/thread-self/ns/net").st_ino == home
     async with Rtnl() as here:
         assert "fgwn-v0" not in {link.name for link in await here.links()}
+
+
+async def test_marked_lookups_find_their_table_through_its_bucket(pair: tuple[str, str]) -> None:
+    """fedgw's rule layout (wireguard.routing) as the kernel walks it: a mark leads
+    through its bucket's ``goto`` to its table, in the first bucket and in a later one;
+    a mark whose table is gone meets a blackhole, not the main table; unmarked lookups
+    pass by."""
+    ns, _ = pair
+    policy = Policy(priority=20000, protocol=147, tables=range(100, 200), mark_mask=0xFF00)
+    dst = "10.9.0.1"
+    async with Rtnl(ns) as rtnl:
+        await rtnl.add_veth("fgwn0", "fgwn1")
+        await rtnl.set_link("fgwn0", up=True)
+        await rtnl.add_address("fgwn0", "10.1.0.1/24")
+        # The main table routes dst through fgwn0; table 100 and 163 through fgwn1.
+        await rtnl.add_route(ipaddress.ip_network("10.9.0.0/24"), dev="fgwn0")
+        await rtnl.set_link("fgwn1", up=True)
+        rules = {*policy.frame_rules(), *policy.table_rules(100), *policy.table_rules(163)}
+        await rtnl.add_rules(sorted(rules, key=lambda r: r.priority))
+        for table in (100, 163):
+            await rtnl.add_route(ipaddress.ip_network("10.9.0.0/24"), dev="fgwn1", table=table)
+
+    async def via(mark: int) -> str:
+        out = await run("ip", "-n", ns, "route", "get", dst, "mark", str(mark))
+        return out.split(" dev ")[1].split()[0]
+
+    assert await via(0) == "fgwn0"  # unmarked: the main table
+    assert await via(policy.mark(100)) == "fgwn1"  # first bucket
+    assert await via(policy.mark(163)) == "fgwn1"  # second bucket
+    for missing in (policy.mark(164), policy.mark(101), 0xFF00):
+        # Its bucket is there but not its table, or neither: dropped, never the main table.
+        with pytest.raises(CommandFailed, match="Invalid argument"):
+            await via(missing)

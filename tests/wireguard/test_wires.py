@@ -118,18 +118,19 @@ def test_a_bad_prefix_is_refused(prefix: str) -> None:
 # --- tables ----------------------------------------------------------------------------------
 
 
-def test_tables_are_stable_unique_and_adoptable() -> None:
+def test_tables_are_allocated_lowest_first_and_adoptable() -> None:
     tables = TableAllocator(range(1000, 1004))
-    first = tables.assign(("peer", "b"))
-    assert TableAllocator(range(1000, 1004)).assign(("peer", "b")) == first
-    assert tables.assign(("peer", "b")) == first
-    numbers = {first} | {tables.assign(("connection", str(i))) for i in range(3)}
-    assert numbers == {1000, 1001, 1002, 1003}
+    assert tables.assign(("peer", "b")) == 1000
+    assert tables.assign(("peer", "b")) == 1000  # one per key
+    numbers = [tables.assign(("connection", str(i))) for i in range(3)]
+    assert numbers == [1001, 1002, 1003]
     with pytest.raises(WireConflict, match="routing tables"):
         tables.assign(("peer", "z"))
-    tables.release(("peer", "b"))
-    assert tables.get(("peer", "b")) is None
-    assert tables.assign(("peer", "z")) == first  # the only free one
+    tables.release(("connection", "0"))
+    tables.release(("connection", "2"))
+    assert tables.get(("connection", "0")) is None
+    assert tables.assign(("peer", "z")) == 1001  # the lowest free one
+    assert tables.assign(("peer", "y")) == 1003
 
     fresh = TableAllocator(range(1000, 1004))
     assert fresh.adopt(("peer", "b"), 1003)
@@ -137,6 +138,7 @@ def test_tables_are_stable_unique_and_adoptable() -> None:
     assert not fresh.adopt(("peer", "d"), 99)  # not fedgw's
     assert fresh.assign(("peer", "b")) == 1003
     assert fresh.owner(1003) == ("peer", "b")
+    assert fresh.assign(("peer", "d")) == 1000  # around what was adopted
 
 
 # --- the ledger ------------------------------------------------------------------------------
@@ -165,15 +167,15 @@ def test_the_ledger_counts_shared_objects_and_refuses_contradictions() -> None:
 # --- plans -----------------------------------------------------------------------------------
 
 
-# Unmarked packets jump over the tables' rules, marked ones that no table took are
-# dropped: shared by all plans.
+# Unmarked packets jump over the tables' rules (to the end: 3 + 2 buckets of 64 tables
+# for 100 tables), marked ones that no table took are dropped: shared by all plans.
 FRAME = {
     rule
     for family in (4, 6)
     for rule in (
-        Rule(20000, family, action="goto", fwmark=0, fwmask=0xFF00, target=20004),
+        Rule(20000, family, action="goto", fwmark=0, fwmask=0xFF00, target=20007),
         Rule(20002, family, action="blackhole", fwmark=0, fwmask=0xFF00, invert=True),
-        Rule(20004, family, action="nop"),
+        Rule(20007, family, action="nop"),
     )
 }
 
@@ -183,7 +185,34 @@ def mark(table: int) -> int:
 
 
 def lookups(table: int) -> set[Rule]:
-    return {Rule(20001, f, table, fwmark=mark(table), fwmask=0xFF00) for f in (4, 6)}
+    """The rules of a table of the first bucket (marks 1 to 63)."""
+    assert mark(table) < 64 << 8
+    return {
+        rule
+        for f in (4, 6)
+        for rule in (
+            Rule(20001, f, action="goto", fwmark=0, fwmask=0xC000, target=20003),
+            Rule(20003, f, table, fwmark=mark(table), fwmask=0xFF00),
+            Rule(20004, f, action="blackhole"),
+        )
+    }
+
+
+def test_a_tables_rules_sit_behind_its_buckets() -> None:
+    """Mark 64 (table 163) opens the second bucket: its own goto, lookup and blackhole."""
+    assert set(POLICY.table_rules(163)) == {
+        rule
+        for f in (4, 6)
+        for rule in (
+            Rule(20001, f, action="goto", fwmark=0x4000, fwmask=0xC000, target=20005),
+            Rule(20005, f, 163, fwmark=0x4000, fwmask=0xFF00),
+            Rule(20006, f, action="blackhole"),
+        )
+    }
+    # A bucket's goto and blackhole are shared, so the ledger counts them.
+    assert set(POLICY.table_rules(164)) & set(POLICY.table_rules(163)) == {
+        r for r in POLICY.table_rules(163) if r.action != "lookup"
+    }
 
 
 def unreachable(table: int) -> set[Route]:
