@@ -106,7 +106,9 @@ class Gateway:
                     on_exit=lambda event: manager.daemon_exited(event),
                 )
                 log.info("data plane: %s (%s)", driver.kind, driver.name)
-                settings = DataplaneSettings(prefix=s.interface_prefix, mss_clamping=s.mss_clamping)
+                settings = DataplaneSettings(
+                    prefix=s.interface_prefix, mss_clamping=s.mss_clamping, mark_mask=s.mark_mask
+                )
                 return Dataplane(settings, driver)
 
         advertise = s.advertise

@@ -28,6 +28,8 @@ from fedgw.models import Network
 from fedgw.names import Domain
 from gateway.errors import SettingsError
 from gateway.registry import RegistrySettings
+from wireguard.dataplane import DataplaneSettings
+from wireguard.routing import mask_capacity
 
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 
@@ -72,6 +74,16 @@ HostPort = Annotated[
     PlainSerializer(format_host_port, return_type=str),
 ]
 DEFAULT_STATE_DIR = Path("/var/lib/fedgw")
+
+
+def _int_or_hex(value: object) -> object:
+    """Integers as text may be written in hex (``0x1ffff``), as masks usually are."""
+    if isinstance(value, str):
+        try:
+            return int(value, 0)
+        except ValueError:
+            return value  # pydantic says what is wrong with it
+    return value
 
 
 class GatewaySettings(BaseSettings):
@@ -178,6 +190,13 @@ class GatewaySettings(BaseSettings):
         180.0, ge=5, description="a tunnel whose last handshake is older is considered down"
     )
     mss_clamping: bool = Field(False, description="clamp TCP MSS on the tunnels (nftables)")
+    mark_mask: Annotated[int, BeforeValidator(_int_or_hex)] = Field(
+        DataplaneSettings.model_fields["mark_mask"].default,
+        ge=1,
+        le=0xFFFFFFFF,
+        description="packet-mark bits the data plane sets on what arrives from its wires "
+        "and tunnels (contiguous, 17 or more); nothing else in its namespace may use them",
+    )
     exclude_prefixes: list[Network] = Field(
         default_factory=list,
         description="this domain's pod and service CIDRs: never given to its clients",
@@ -186,6 +205,14 @@ class GatewaySettings(BaseSettings):
         default_factory=dict,
         description="static federation: trust bundles (SPIFFE format) of other domains",
     )
+
+    @field_validator("mark_mask")
+    @classmethod
+    def _mark_mask_fits(cls, value: int) -> int:
+        tables = DataplaneSettings.model_fields["table_count"].default
+        if mask_capacity(value) < tables:
+            raise ValueError(f"{value:#x} must be contiguous bits that number {tables} tables")
+        return value
 
     @field_validator("socket")
     @classmethod

@@ -68,3 +68,13 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_socket_path_too_long() -> None:
     with pytest.raises(SettingsError, match="longer than 107 bytes"):
         load_settings(domain="c1", socket="/tmp/" + "x" * 120)
+
+
+def test_the_mark_mask_takes_hex_and_must_hold_the_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings(domain="c1").mark_mask == 0x1FFFF
+    monkeypatch.setenv("FEDGW_MARK_MASK", "0x3ffff000")
+    assert load_settings(domain="c1").mark_mask == 0x3FFFF000
+    for bad, fragment in (("0xf0f0", "contiguous"), ("0xffff", "100000 tables"), ("lots", "int")):
+        monkeypatch.setenv("FEDGW_MARK_MASK", bad)
+        with pytest.raises(SettingsError, match=f"mark_mask.*{fragment}"):
+            load_settings(domain="c1")
