@@ -29,7 +29,8 @@ from fedgw.names import Domain
 from gateway.errors import SettingsError
 from gateway.registry import RegistrySettings
 from wireguard.dataplane import DataplaneSettings
-from wireguard.routing import mask_capacity
+from wireguard.errors import InvalidSpec
+from wireguard.routing import check_mark_mask
 
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
 
@@ -209,10 +210,10 @@ class GatewaySettings(BaseSettings):
     @field_validator("mark_mask")
     @classmethod
     def _mark_mask_fits(cls, value: int) -> int:
-        tables = DataplaneSettings.model_fields["table_count"].default
-        if mask_capacity(value) < tables:
-            raise ValueError(f"{value:#x} must be contiguous bits that number {tables} tables")
-        return value
+        try:
+            return check_mark_mask(value, DataplaneSettings.model_fields["table_count"].default)
+        except InvalidSpec as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("socket")
     @classmethod

@@ -45,9 +45,9 @@ from wireguard.routing import (
     TableKey,
     TunnelPlan,
     WirePlan,
+    check_mark_mask,
     check_prefix,
     describe,
-    mask_capacity,
     object_key,
     plan_tunnel,
     plan_wire,
@@ -149,11 +149,10 @@ class DataplaneSettings(BaseModel):
                 f"rule priorities {self.priorities.start}..{self.priorities.stop - 1} "
                 "must come before the main table's (32766): lower rule_priority or table_count"
             )
-        if mask_capacity(self.mark_mask) < self.table_count:
-            raise ValueError(
-                f"mark_mask {self.mark_mask:#x} must be contiguous bits that number "
-                f"table_count ({self.table_count}) tables"
-            )
+        try:
+            check_mark_mask(self.mark_mask, self.table_count)
+        except InvalidSpec as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     @property

@@ -13,8 +13,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 
 from wireguard import rtnetlink as nl
 from wireguard.errors import CommandFailed, NetlinkFailed
@@ -210,28 +210,23 @@ class Nft(NetlinkSession):
         self.table = table_name(prefix)
 
     async def add(self, marks: Iterable[Mark]) -> None:
-        """Add ``marks`` in one transaction; one that is there already is kept."""
-        marks = list(marks)
-        if marks:
-            await self.batch(_batch(_elements(self.table, marks, NFT_MSG_NEWSETELEM, "add")))
+        """Add ``marks`` (a transaction per thousand); one that is there already is kept."""
+        for chunk in _chunks(list(marks)):
+            await self.batch(_batch(_elements(self.table, chunk, NFT_MSG_NEWSETELEM, "add")))
 
     async def delete(self, marks: Iterable[Mark]) -> None:
         """Delete ``marks``; those that are not there are no failure."""
-        marks = list(marks)
-        if not marks:
-            return
-        try:
-            await self.batch(_batch(_elements(self.table, marks, NFT_MSG_DELSETELEM, "delete")))
-        except NetlinkFailed as exc:
-            # One missing element fails the whole transaction: go one by one.
-            if exc.errno != errno.ENOENT:
-                raise
-            for mark in marks:
-                (request,) = _elements(self.table, [mark], NFT_MSG_DELSETELEM, "delete")
-                ignoring = nl.Request(
-                    request.type, request.flags, request.body, request.action, _MISSING
-                )
-                await self.batch(_batch([ignoring]))
+        for chunk in _chunks(list(marks)):
+            requests = _elements(self.table, chunk, NFT_MSG_DELSETELEM, "delete")
+            try:
+                await self.batch(_batch(requests))
+            except NetlinkFailed as exc:
+                # One missing element fails the whole transaction: go one by one.
+                if exc.errno != errno.ENOENT:
+                    raise
+                for mark in chunk:
+                    (request,) = _elements(self.table, [mark], NFT_MSG_DELSETELEM, "delete")
+                    await self.batch(_batch([replace(request, ignore=_MISSING)]))
 
     async def marks(self) -> list[Mark]:
         """Every element of the maps; none if the table is missing."""
@@ -251,3 +246,11 @@ class Nft(NetlinkSession):
 
 
 _MISSING = frozenset({errno.ENOENT})
+_CHUNK = 1000
+"""Elements per transaction: a message must fit the socket's send buffer (an element
+takes up to 72 bytes; the buffer is about 200 KiB)."""
+
+
+def _chunks(marks: list[Mark]) -> Iterator[list[Mark]]:
+    for start in range(0, len(marks), _CHUNK):
+        yield marks[start : start + _CHUNK]

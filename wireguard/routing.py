@@ -62,7 +62,7 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   either. A mark is the table's position in fedgw's range plus one, shifted into the
 #   mask.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
-#   priority is in ``P..P+4`` and, if they look a table up, that table is in fedgw's
+#   priority is in ``P..<end>`` and, if they look a table up, that table is in fedgw's
 #   range; routes when their table is; every rule and route also carries fedgw's
 #   protocol number, for humans.
 
@@ -311,13 +311,15 @@ def mask_shift(mask: int) -> int:
     return (mask & -mask).bit_length() - 1
 
 
-def mask_capacity(mask: int) -> int:
-    """How many marks other than 0 a mask of contiguous bits holds (0 if the bits are
-    not contiguous)."""
-    if mask <= 0:
-        return 0
-    values = mask >> mask_shift(mask)
-    return values if values & (values + 1) == 0 else 0
+def check_mark_mask(mask: int, table_count: int) -> int:
+    """``mask`` if its bits are contiguous and number ``table_count`` tables (a mark is
+    a table's position plus one; 0 is "unmarked"), else :class:`InvalidSpec`."""
+    values = mask >> mask_shift(mask) if mask > 0 else 0
+    if values & (values + 1) or values < table_count or mask > 0xFFFFFFFF:
+        raise InvalidSpec(
+            f"mark mask {mask:#x} must be contiguous bits that number {table_count} tables"
+        )
+    return mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,11 +332,7 @@ class Policy:
     mark_mask: int
 
     def __post_init__(self) -> None:
-        if mask_capacity(self.mark_mask) < len(self.tables):
-            raise InvalidSpec(
-                f"mark mask {self.mark_mask:#x} must be contiguous bits that number "
-                f"{len(self.tables)} tables"
-            )
+        check_mark_mask(self.mark_mask, len(self.tables))
 
     def rule(self, offset: int, family: int, **kwargs: object) -> Rule:
         return Rule(self.priority + offset, family, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
