@@ -1030,12 +1030,16 @@ class _Reconciliation:
         # half-removed path. A route or neighbour entry that differed was overwritten
         # above ("replace"); rules are never replaced, so a differing one is stale.
         await self._marks([m for m in marks if object_key(m) not in keys], add=False)
-        # Stale rules go from the last priority to the first. The kernel appends a new
-        # rule after the old ones of its priority, so a stale rule (a guard of an older
-        # layout) can sit in front of wanted ones; the stale rules of lower priority
-        # still take traffic past it, and must outlive it.
+        # Stale gotos go first: when the rule a goto lands on is deleted, the kernel
+        # lands it on the next rule of that priority, which in a newer layout may be a
+        # blackhole; without the goto, packets only walk further. Then the others, from
+        # the last priority to the first: the kernel appends a new rule after the old
+        # ones of its priority, so a stale rule (a guard of an older layout) can sit in
+        # front of wanted ones; the stale rules of lower priority still take traffic
+        # past it, and must outlive it.
         stale_rules = sorted(
-            (r for r in rules if r not in wanted), key=lambda r: r.priority, reverse=True
+            (r for r in rules if r not in wanted),
+            key=lambda r: (r.action != "goto", -r.priority),
         )
         stale: list[GatewayObject] = [*stale_rules]
         stale += [r for r in routes if object_key(r) not in keys and r.kind != "local"]
