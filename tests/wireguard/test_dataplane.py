@@ -537,6 +537,25 @@ async def test_a_workload_cannot_send_from_an_address_it_was_not_given(
     assert await at_c1() == [2, 0]
 
 
+async def test_what_arrives_unmarked_on_a_wire_goes_nowhere(dlab: DataplaneLab) -> None:
+    """A veth whose mark is missing (its wire is being made or removed) drops what it
+    brings: the gateway node's main table would route it into the underlay."""
+    p = await two_domains(dlab)
+    cw, ew = p.wires()
+    await p.attach(cw, ew)
+    [wire] = (await p.a.dataplane.state()).wires
+    underlay_b, client = p.b.addresses["a"], str(cw.address.ip)
+    next_hop = str(cw.endpoint_address.ip)
+    await run("ip", "-n", p.client, "route", "add", underlay_b, "via", next_hop, "dev", "nsm0")
+    at_b = await _count_sources(p.b.netns, [client])
+    await ping(p.client, underlay_b, count=2, interval=0.05)  # marked: its table ends it
+    async with Nft(p.a.netns, dlab.prefix) as nft:
+        [mark] = [m for m in await nft.marks() if m.iif == wire.gateway_interface]
+        await nft.delete([mark])
+    await ping(p.client, underlay_b, count=2, interval=0.05)
+    assert await at_b() == [0]
+
+
 async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -> None:
     p = await two_domains(dlab)
     await p.attach(*p.wires())
