@@ -177,7 +177,11 @@ def _elements(table: str, marks: Sequence[Mark], kind: int, verb: str) -> list[n
             elements += _nested(NFTA_LIST_ELEM, body)
         flags = nl.NLM_F_CREATE if kind == NFT_MSG_NEWSETELEM else 0
         body = _set_header(table, name) + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
-        what = ", ".join(describe(m) for m in members)
+        # Named in errors: one by one when they are few (as when a wire is made).
+        if len(members) <= 3:
+            what = ", ".join(describe(m) for m in members)
+        else:
+            what = f"{len(members)} elements of map {name}"
         requests.append(_message(kind, flags, body, f"{verb} {what}"))
     return requests
 
