@@ -6,12 +6,13 @@ a 1500-byte veth underlay, endpoint E), with the same wireguard-go driver:
 * iperf3 TCP throughput C -> E through a wire fedgw stitched (veth, policy routing,
   WireGuard tunnel A-B, veth), against a hand-made WireGuard tunnel over the same hops
   (addresses on the gateway veths, main-table routes, the same MTU 1420: what fedgw
-  adds is the policy routing and the guards), and against plain veths routed over the
-  underlay without WireGuard (the ceiling of this machine, MTU 1500). The three paths
-  coexist and rounds alternate between them, so that load from elsewhere hits all;
-  medians are reported. The three again while the N wires below are all up (every
-  packet through a gateway namespace meets the policy rules of every wire there), and
-  through the last of those wires.
+  adds is the marking, policy routing and source guard), and against plain veths
+  routed over the underlay without WireGuard (the ceiling of this machine, MTU 1500).
+  The three paths coexist and rounds alternate between them, so that load from
+  elsewhere hits all; medians are reported. The three again while the N wires below
+  are all up (the kernel walks policy rules as a list, so rules that grew with the
+  wires would slow every packet through a gateway namespace), and through the last of
+  those wires.
 * latency of wiring a connection (attach_endpoint on B + attach_client on A) and of
   removing it (detach on both), p50/p99 over N wires that all stay up until the last
   is made (so late ones are made next to N-1 others), with one offered route each;
@@ -280,9 +281,9 @@ class Bench:
             "ip", "netns", "exec", self.ns("c"), "ping", "-c", "1", "-W", "2", str(last)
         )
         assert " 0% packet loss" in out, out
-        # Every packet through a gateway namespace meets the policy rules of all its
-        # wires (the kernel walks rules as a list): throughput with all of them there,
-        # through the first wire (made before them) and through the last.
+        # The kernel walks policy rules as a list: throughput with all the wires there,
+        # through the first wire (made before them) and through the last (whose table
+        # is in the last bucket of rules).
         print(f"throughput with {len(wires)} wires up:", file=sys.stderr)
         crowded = await self.throughput(
             max(2, self.args.rounds // 2), {"fedgw, last wire": str(last)}
