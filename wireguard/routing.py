@@ -54,8 +54,8 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #       P+4+2b    blackhole                                            per bucket in use
 #       <end>     nop                                                  IPv4 and IPv6
 #
-#   A marked packet walks the buckets in use and the tables of its own bucket: about
-#   100 rules for 10,000 tables, where one rule per table would be 10,000. P+2 and
+#   A marked packet walks the buckets in use and the tables of its own bucket: at most
+#   about 220 rules for 10,000 tables, where one rule per table would be 10,000. P+2 and
 #   P+4+2b drop a marked packet whose table has just gone, so it cannot fall through
 #   to the main table. Tables are allocated lowest first, to fill buckets. Every table
 #   ends in an ``unreachable default`` (both families), so that nothing falls through
