@@ -465,9 +465,9 @@ async def test_a_wire_carries_ping_and_tcp_and_wg_show_agrees(dlab: DataplaneLab
 async def test_unmarked_packets_jump_over_the_tables_rules(dlab: DataplaneLab) -> None:
     """Every lookup walks the rules as a list. A packet without fedgw's mark (the node's
     own, WireGuard's datagrams among them, or anything only passing through) goes from
-    P+0 straight to the nop at P+4, past whatever P+1..P+3 hold; a marked one that no
-    table's rule takes is dropped at P+2. A rule planted at P+1, into a table where
-    nothing is reachable, shows both."""
+    P+0 straight to the nop at the end of fedgw's priorities, past whatever lies between;
+    a marked one that no table's rule takes is dropped at P+2. A rule planted at P+1,
+    into a table where nothing is reachable, shows both."""
     p = await two_domains(dlab)
     await p.attach(*p.wires())
     settings = p.a.dataplane.settings
