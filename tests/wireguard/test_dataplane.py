@@ -183,7 +183,7 @@ class DataplaneLab:
             except Exception as exc:
                 problems.append(f"reconcile to nothing in {gw.netns}: {exc!r}")
             with contextlib.suppress(Exception):
-                if await _clamping_tables(gw.netns):
+                if await _fedgw_tables(gw.netns):
                     problems.append(f"nftables table left in {gw.netns}")
             await gw.dataplane.close()
         for driver in [self.driver, *self.drivers]:
@@ -217,7 +217,7 @@ def _our_sockets(prefix: str) -> list[Path]:
     return [p for p in SOCKET_DIR.iterdir() if p.name.startswith(prefix)]
 
 
-async def _clamping_tables(netns: str) -> list[str]:
+async def _fedgw_tables(netns: str) -> list[str]:
     out = await run("ip", "netns", "exec", netns, "nft", "list", "tables")
     return [line for line in out.splitlines() if "fedgw_" in line]
 
