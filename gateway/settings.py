@@ -193,8 +193,6 @@ class GatewaySettings(BaseSettings):
     mss_clamping: bool = Field(False, description="clamp TCP MSS on the tunnels (nftables)")
     mark_mask: Annotated[int, BeforeValidator(_int_or_hex)] = Field(
         DataplaneSettings.model_fields["mark_mask"].default,
-        ge=1,
-        le=0xFFFFFFFF,
         description="packet-mark bits the data plane sets on what arrives from its wires "
         "and tunnels (contiguous, 17 or more); nothing else in its namespace may use them",
     )

@@ -123,8 +123,6 @@ class DataplaneSettings(BaseModel):
     )
     mark_mask: int = Field(
         0x1FFFF,
-        ge=1,
-        le=0xFFFFFFFF,
         description="the packet-mark bits fedgw sets on what arrives from its wires and "
         "tunnels (contiguous, enough for table_count tables); nothing else in the gateway "
         "namespace may use them",

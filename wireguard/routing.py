@@ -317,7 +317,7 @@ def check_mark_mask(mask: int, table_count: int) -> int:
     values = mask >> mask_shift(mask) if mask > 0 else 0
     if values & (values + 1) or values < table_count or mask > 0xFFFFFFFF:
         raise InvalidSpec(
-            f"mark mask {mask:#x} must be contiguous bits that number {table_count} tables"
+            f"mark mask {mask:#x} must be contiguous bits, of 32, that number {table_count} tables"
         )
     return mask
 
