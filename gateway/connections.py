@@ -150,6 +150,7 @@ class ConnectionManager:
         self._dataplane: Dataplane | None = None
         self._dataplane_lock = asyncio.Lock()
         self._reconciling: asyncio.Task[None] | None = None
+        self._prepare_failed = False
         self._key = private_key
         self._advertise = advertise
         self._port_base = wireguard_port
@@ -170,6 +171,7 @@ class ConnectionManager:
         self._repair = False
         self._counters: dict[str, tuple[int, int]] = {}
         self._ensured: dict[str, PeerTunnel] = {}  # tunnels as last applied
+        self._tunnel_locks: dict[str, asyncio.Lock] = {}
         self._silence_checked = 0.0
         self._refresh_retry = 1.0
 
@@ -214,9 +216,9 @@ class ConnectionManager:
         )
 
     async def _ensure_dataplane(self) -> Dataplane:
-        """The data plane, opened on first use (a gateway that never connects anything
-        never touches the network of its namespace), once the start-up reconciliation
-        is done."""
+        """The data plane, once the start-up reconciliation is done. It is opened when
+        first needed or ahead of that (see :meth:`_prepare_dataplane`): a gateway that
+        has nothing to connect never touches the network of its namespace."""
         if self._reconciling is not None:
             task = self._reconciling
             try:
@@ -354,10 +356,12 @@ class ConnectionManager:
         assert peer is not None
         dataplane = await self._ensure_dataplane()
         # Every connection passes here; the tunnel changes rarely, and making sure of it
-        # means reading the whole namespace.
-        if self._ensured.get(domain) != peer:
-            await dataplane.ensure_peer(peer)
-            self._ensured[domain] = peer
+        # means reading the whole namespace. The first of a burst does it, the others
+        # wait for it and find it done.
+        async with self._tunnel_locks.setdefault(domain, asyncio.Lock()):
+            if self._ensured.get(domain) != peer:
+                await dataplane.ensure_peer(peer)
+                self._ensured[domain] = peer
 
     async def drop_peer(self, domain: str) -> None:
         """A peer left: close its connections and remove the tunnel."""
@@ -365,11 +369,14 @@ class ConnectionManager:
             async with self._holding(cid) as record:
                 if record is not None:
                     await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
-        self._ensured.pop(domain, None)
-        if self._tunnels.pop(domain, None) is not None:
-            await self._tunnel_records.delete(domain)
-            if self._dataplane is not None:
-                await self._dataplane.remove_peer(domain)
+        # Under the tunnel's lock: a connection making sure of the tunnel finishes first.
+        async with self._tunnel_locks.setdefault(domain, asyncio.Lock()):
+            self._ensured.pop(domain, None)
+            if self._tunnels.pop(domain, None) is not None:
+                await self._tunnel_records.delete(domain)
+                if self._dataplane is not None:
+                    await self._dataplane.remove_peer(domain)
+        self._tunnel_locks.pop(domain, None)
 
     # --- wires -----------------------------------------------------------------------------
 
@@ -919,6 +926,7 @@ class ConnectionManager:
     async def tick(self) -> None:
         if self._reconciling is not None and not self._reconciling.done():
             return  # the start-up reconciliation comes first
+        await self._prepare_dataplane()
         if self._repair and self._dataplane is not None:
             self._repair = False
             desired = self._desired()
@@ -981,6 +989,23 @@ class ConnectionManager:
         await asyncio.gather(
             *(one(cid) for cid in due), *(self._refresh_peer(p, now) for p in refreshes)
         )
+
+    async def _prepare_dataplane(self) -> None:
+        """Open the data plane before the first connection needs it, once this gateway
+        may be asked for one: it has a peer, or an endpoint to wire. Opening it (finding
+        the WireGuard driver, writing fedgw's nftables table) takes tens of milliseconds,
+        which the first connections would otherwise wait for."""
+        if self._dataplane is not None or self._make_dataplane is None or self._key is None:
+            return
+        if self._prepare_failed:
+            return  # requests still try, and get the reason
+        if not self._federation.peers.all() and not self._registry.count_endpoints()[1]:
+            return
+        try:
+            await self._open_dataplane()
+        except Exception as exc:
+            self._prepare_failed = True
+            log.warning("cannot open the data plane yet (each request tries again): %s", exc)
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but

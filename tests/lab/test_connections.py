@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import pytest
@@ -119,10 +120,18 @@ async def wait_state(lab: Lab, cluster: str, cid: str, state: str, within: float
     return await eventually(probe, within, f"connection {cid} {state} in {cluster}")
 
 
+async def dataplane(lab: Lab, cluster: str) -> Any:
+    return (await fedgw(lab, cluster, "status"))["dataplane"]
+
+
 @pytest.mark.lab(clusters=2)
 async def test_request_ping_and_http_across_domains(lab: Lab) -> None:
+    assert await dataplane(lab, "cluster1") is None  # nothing to connect: untouched
     await join(lab, "cluster1", "cluster2")
     await endpoint(lab, "cluster2", "vpn-gw-1", "vpn-gateway", "172.16.1.0/24", export="cluster1")
+    # Both gateways open their data plane ahead of the first connection.
+    for cluster in ("cluster1", "cluster2"):
+        await eventually(partial(dataplane, lab, cluster), 5, f"{cluster}'s data plane")
     conn = await request(lab, "cluster1", "vpn-gateway@cluster2")
     assert conn["state"] == "up"
     assert conn["client"]["interface"] == "nsm0"

@@ -1,0 +1,129 @@
+"""The connection manager's use of its data plane: opened ahead of the first connection
+once there may be one, and a tunnel made sure of once per change, not once per
+connection of a burst. A recording stand-in takes the data plane's place."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from federation.models import WireGuardInfo
+from fedgw.clock import ManualClock
+from gateway.connections import ConnectionManager
+from gateway.events import EventBus
+from gateway.store.memory import MemoryStore
+from gateway.workloads import WorkloadProbe
+from wireguard.dataplane import Dataplane
+from wireguard.errors import DataplaneError
+from wireguard.keys import PrivateKey
+from wireguard.wires import PeerTunnel
+
+
+class RecordingDataplane:
+    def __init__(self, *, fail_open: bool = False) -> None:
+        self.opened = 0
+        self.ensured: list[PeerTunnel] = []
+        self.fail_open = fail_open
+
+    async def open(self) -> None:
+        self.opened += 1
+        if self.fail_open:
+            raise DataplaneError("nft: command not found")
+
+    async def ensure_peer(self, peer: PeerTunnel) -> None:
+        await asyncio.sleep(0.01)  # long enough for the rest of a burst to arrive
+        self.ensured.append(peer)
+
+
+class World:
+    """A manager with no peers and no endpoints until a test gives it some."""
+
+    def __init__(self, dataplane: RecordingDataplane) -> None:
+        self.dataplane = dataplane
+        self.made = 0
+        self.peers: list[str] = []
+        self.endpoints = (0, 0)
+
+        async def make() -> Dataplane:
+            self.made += 1
+            return cast(Dataplane, dataplane)
+
+        federation = SimpleNamespace(peers=SimpleNamespace(all=lambda: self.peers))
+        registry = SimpleNamespace(count_endpoints=lambda: self.endpoints)
+        self.manager = ConnectionManager(
+            domain="cluster1",
+            store=MemoryStore(),
+            registry=cast(Any, registry),
+            federation=cast(Any, federation),
+            bus=EventBus(),
+            clock=ManualClock(),
+            probe=WorkloadProbe(Path("/nonexistent/netns"), Path("/nonexistent/proc")),
+            dataplane=make,
+            private_key=PrivateKey.generate(),
+            advertise="198.18.0.1",
+            wireguard_port=51820,
+            behind_nat=False,
+            keepalive=25,
+            lease=60,
+            handshake_timeout=180,
+            exclude=[],
+        )
+
+
+def theirs(endpoint: str = "198.18.0.2:51820") -> WireGuardInfo:
+    return WireGuardInfo(public_key=str(PrivateKey.generate().public_key()), endpoint=endpoint)
+
+
+async def test_a_burst_of_connections_makes_sure_of_the_tunnel_once() -> None:
+    world = World(RecordingDataplane())
+    peer = theirs()
+    await asyncio.gather(*(world.manager._connect_tunnel("cluster2", peer) for _ in range(16)))
+    assert len(world.dataplane.ensured) == 1
+    assert world.made == 1 and world.dataplane.opened == 1
+
+    await world.manager._connect_tunnel("cluster2", peer)
+    assert len(world.dataplane.ensured) == 1  # nothing changed
+
+    moved = theirs("198.18.0.3:51820")
+    await asyncio.gather(*(world.manager._connect_tunnel("cluster2", moved) for _ in range(4)))
+    assert len(world.dataplane.ensured) == 2
+    assert str(world.dataplane.ensured[-1].endpoint) == "198.18.0.3:51820"
+
+
+async def test_the_data_plane_opens_ahead_once_a_connection_may_come() -> None:
+    world = World(RecordingDataplane())
+    await world.manager.tick()
+    assert world.made == 0  # nothing to connect: the namespace is not touched
+
+    world.peers = ["cluster2"]
+    await world.manager.tick()
+    assert world.dataplane.opened == 1
+    await world.manager.tick()
+    assert world.made == 1  # opened once
+
+    local = World(RecordingDataplane())
+    local.endpoints = (1, 0)  # an endpoint without a workload is never wired
+    await local.manager.tick()
+    assert local.made == 0
+    local.endpoints = (1, 1)
+    await local.manager.tick()
+    assert local.dataplane.opened == 1
+
+
+async def test_a_data_plane_that_cannot_open_is_left_to_the_requests(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = World(RecordingDataplane(fail_open=True))
+    world.peers = ["cluster2"]
+    await world.manager.tick()
+    await world.manager.tick()
+    assert world.dataplane.opened == 1  # tried once in the background, not every tick
+    assert "cannot open the data plane yet" in caplog.text
+    assert "nft: command not found" in caplog.text
+    with pytest.raises(DataplaneError, match="nft: command not found"):
+        await world.manager._connect_tunnel("cluster2", theirs())
+    assert world.dataplane.opened == 2
