@@ -58,9 +58,10 @@ from wireguard.wires import ClientWire, EndpointWire, Role, Wire, WorkloadEnd
 #   about 220 rules for 10,000 tables, where one rule per table would be 10,000. P+2 and
 #   P+4+2b drop a marked packet whose table has just gone, so it cannot fall through
 #   to the main table. Tables are allocated lowest first, to fill buckets. Every table
-#   ends in an ``unreachable default`` (both families), so that nothing falls through
-#   either. A mark is the table's position in fedgw's range plus one, shifted into the
-#   mask.
+#   ends in an ``unreachable default``, so that nothing falls through either. A
+#   connection's table has rules and routes only for the IP versions the connection
+#   has; the other version's packets marked for it are dropped by the blackholes. A
+#   mark is the table's position in fedgw's range plus one, shifted into the mask.
 # - Every interface fedgw creates starts with its prefix; rules are fedgw's when their
 #   priority is in ``P..<end>`` and, if they look a table up, that table is in fedgw's
 #   range; routes when their table is; every rule and route also carries fedgw's
@@ -79,6 +80,8 @@ def priority_span(table_count: int) -> int:
 
 
 DEFAULTS = (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))
+Families = tuple[int, ...]
+BOTH: Families = (4, 6)
 _ROLE_LETTER: dict[Role, str] = {"client": "c", "endpoint": "e"}
 TUNNEL_LETTER = "w"
 
@@ -350,9 +353,10 @@ class Policy:
     def classify(self, iif: str, table: int, src: Address | None = None) -> Mark:
         return Mark(iif, src, self.mark(table))
 
-    def table_rules(self, table: int) -> list[Rule]:
+    def table_rules(self, table: int, families: Families = BOTH) -> list[Rule]:
         """What sends the packets marked for ``table`` to it: its rule, and its bucket's
-        (shared with the other tables of the bucket)."""
+        (shared with the other tables of the bucket), for each IP version in
+        ``families``."""
         mark, mask, shift = self.mark(table), self.mark_mask, mask_shift(self.mark_mask)
         bucket = mark >> shift >> BUCKET_BITS
         leaf = LEAVES + 2 * bucket
@@ -360,7 +364,7 @@ class Policy:
         bucket_mask = mask & ~(((1 << BUCKET_BITS) - 1) << shift)
         return [
             rule
-            for family in (4, 6)
+            for family in families
             for rule in (
                 self.rule(
                     BUCKETS,
@@ -378,8 +382,12 @@ class Policy:
     def route(self, dst: Network, table: int, **kwargs: object) -> Route:
         return Route(dst, table, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
 
-    def defaults(self, table: int) -> list[Route]:
-        return [self.route(dst, table, kind="unreachable") for dst in DEFAULTS]
+    def defaults(self, table: int, families: Families = BOTH) -> list[Route]:
+        return [
+            self.route(dst, table, kind="unreachable")
+            for dst in DEFAULTS
+            if dst.version in families
+        ]
 
     def frame_rules(self) -> list[Rule]:
         """What lets unmarked packets past the tables' rules and stops marked ones that
@@ -472,7 +480,12 @@ def plan_wire(
     if isinstance(wire, EndpointWire):
         objects += [policy.route(dst, table, dev=veth, via=own.ip) for dst in wire.routes]
     if key[0] == "connection":
-        objects += [*policy.table_rules(table), *policy.defaults(table)]
+        # Only the IP versions the connection has: packets of the other one that are
+        # marked for its table find no rule, and the bucket's or the range's blackhole
+        # drops them. Half the rules and routes of an IPv4-only connection, and the
+        # kernel walks the rules of a version in a list when it inserts one.
+        families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
+        objects += [*policy.table_rules(table, families), *policy.defaults(table, families)]
     if wire.peer is not None:
         tunnel = naming.tunnel(wire.peer)
         remote = [other_host, *wire.routes] if isinstance(wire, ClientWire) else [other_host]

@@ -488,6 +488,26 @@ async def test_unmarked_packets_jump_over_the_tables_rules(dlab: DataplaneLab) -
     assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
 
 
+async def test_an_ipv4_connection_has_no_ipv6_rule_and_drops_ipv6(dlab: DataplaneLab) -> None:
+    """An endpoint wire of an IPv4 connection: its table has an IPv4 rule only, and an
+    IPv6 packet with the table's mark is dropped by the bucket's blackhole."""
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    ns = p.b.netns
+    v4 = await run("ip", "-4", "-n", ns, "rule")
+    lookups = re.findall(r"fwmark (0x[0-9a-f]+)/0x[0-9a-f]+ lookup (\d+)", v4)
+    assert len(lookups) == 2, lookups  # the tunnel's table, and the connection's
+    v6 = await run("ip", "-6", "-n", ns, "rule")
+    [(conn_mark, conn_table)] = [(m, t) for m, t in lookups if f"lookup {t}" not in v6]
+    with pytest.raises(CommandFailed, match="table does not exist"):
+        await run("ip", "-6", "-n", ns, "route", "show", "table", conn_table)
+    with pytest.raises(CommandFailed, match="Invalid argument"):  # the blackhole
+        await run("ip", "-6", "-n", ns, "route", "get", "fd00:99::1", "mark", conn_mark)
+    route = await run("ip", "-4", "-n", ns, "route", "get", SERVICE_ADDRESS, "mark", conn_mark)
+    assert f"table {conn_table}" in route
+    assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
+
+
 async def _count_sources(netns: str, sources: list[str]) -> Callable[[], Awaitable[list[int]]]:
     """Count, in ``netns``, the packets that arrive from each of ``sources``."""
     rules = "".join(f"ip saddr {src} counter\n" for src in sources)

@@ -184,12 +184,12 @@ def mark(table: int) -> int:
     return (table - 100 + 1) << 8
 
 
-def lookups(table: int) -> set[Rule]:
+def lookups(table: int, families: tuple[int, ...] = (4, 6)) -> set[Rule]:
     """The rules of a table of the first bucket (marks 1 to 63)."""
     assert mark(table) < 64 << 8
     return {
         rule
-        for f in (4, 6)
+        for f in families
         for rule in (
             Rule(20001, f, action="goto", fwmark=0, fwmask=0xC000, target=20003),
             Rule(20003, f, table, fwmark=mark(table), fwmask=0xFF00),
@@ -215,8 +215,9 @@ def test_a_tables_rules_sit_behind_its_buckets() -> None:
     }
 
 
-def unreachable(table: int) -> set[Route]:
-    return {Route(net(dst), table, kind="unreachable") for dst in ("0.0.0.0/0", "::/0")}
+def unreachable(table: int, families: tuple[int, ...] = (4, 6)) -> set[Route]:
+    defaults = {4: "0.0.0.0/0", 6: "::/0"}
+    return {Route(net(defaults[f]), table, kind="unreachable") for f in families}
 
 
 def test_marks_number_the_tables_inside_the_mask() -> None:
@@ -294,11 +295,35 @@ def test_an_endpoint_wire_gets_a_table_chosen_by_the_clients_source() -> None:
             Mark(veth, None, mark(t_conn)),
             Allowed("a.example", net("172.16.1.1/32")),
         }
-        | lookups(t_conn)
-        | unreachable(t_conn)
+        | lookups(t_conn, (4,))  # an IPv4 connection: no IPv6 rules or routes
+        | unreachable(t_conn, (4,))
         | FRAME
     )
     assert p.workload_end.routes == ()
+
+
+@pytest.mark.parametrize(
+    ("address", "other", "routes", "families"),
+    [
+        ("172.16.1.0/31", "172.16.1.1/31", ["10.60.0.0/16", "fd00:60::/48"], (4, 6)),
+        ("fd00:1::/127", "fd00:1::1/127", ["fd00:60::/48"], (6,)),
+    ],
+)
+def test_a_connections_table_serves_the_ip_versions_it_has(
+    address: str, other: str, routes: list[str], families: tuple[int, ...]
+) -> None:
+    wire = endpoint(
+        address=ipaddress.ip_interface(address),
+        client_address=ipaddress.ip_interface(other),
+        routes=tuple(net(r) for r in routes),
+    )
+    p, tables = plan(wire)
+    t_conn = tables.get(("connection", "conn-1"))
+    assert t_conn is not None
+    in_table = {o for o in p.objects if isinstance(o, Rule) and o.table == t_conn}
+    assert in_table == {r for r in lookups(t_conn, families) if r.table == t_conn}
+    defaults = {o for o in p.objects if isinstance(o, Route) and o.kind == "unreachable"}
+    assert defaults == unreachable(t_conn, families)
 
 
 def test_the_two_halves_of_a_local_connection_share_one_table() -> None:
