@@ -476,7 +476,9 @@ class ConnectionManager:
     async def request(self, request: ConnectionRequest) -> ConnectionRecord:
         """Connect a workload to ``request.service``; returns once it is up, or raises."""
         await self._ensure_dataplane()  # first: a clear error if there is none
-        workload = await asyncio.to_thread(self._probe.identify, request.workload)
+        # A stat under /run/netns or a read of /proc: kernel memory, never a disk; a
+        # thread would cost more than the call.
+        workload = self._probe.identify(request.workload)
         reference = request.service.local_to(self.domain)
         interface = request.interface or self._connections.free_interface(workload)
         now = to_datetime(self._clock.now())

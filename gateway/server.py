@@ -210,6 +210,9 @@ def _config(listener: Listener) -> uvicorn.Config:
         # (SpiffeHttpProtocol.shutdown), since their close would wait for the peer.
         timeout_graceful_shutdown=2,
         server_header=False,
+        # No proxy stands between fedgw and its callers (a unix socket, or mutual TLS
+        # end to end): X-Forwarded-* headers are nobody's to trust, and not read.
+        proxy_headers=False,
         **tls,
     )
 

@@ -50,7 +50,8 @@ def create_app(settings: GatewaySettings, gateway: Gateway | None = None) -> Fas
     app.state.gateway = gateway
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, services, endpoints, events, identity, peers, connections):
+    # Routes are tried in order: connections, the busiest, first.
+    for module in (connections, health, services, endpoints, events, identity, peers):
         app.include_router(module.router)
     return app
 
