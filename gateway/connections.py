@@ -189,6 +189,11 @@ class ConnectionManager:
                     update={"connection": c.model_copy(update={"expires_at": grace})}
                 )
             self._connections.put(record)
+            if record.role == "client" and record.peer is not None:
+                # When to refresh is kept in memory: without this, a restarted gateway
+                # would let the peer's leases run out, and its connections would heal
+                # onto new addresses.
+                self._schedule_refresh(record.peer, c.expires_at.timestamp())
         for tunnel in await self._tunnel_records.all():
             self._tunnels[tunnel.domain] = tunnel
         if self._make_dataplane is not None and (self._connections or self._tunnels):

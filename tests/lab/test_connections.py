@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from clusters.lab import Lab, spawn_in_netns
+from clusters.lab import Lab, spawn_in_netns, wait_exited
 from clusters.pytest_plugin import LabFactory
 from tests.hostcheck import host_snapshot, needs_root
 from wireguard.netns import Rtnl, set_sysctl
@@ -267,6 +267,26 @@ async def test_leases_are_refreshed_and_connections_outlive_them(lab: Lab) -> No
     # connection would make three times as many.
     calls = lab.layout.log("cluster2").read_text().count("POST /federation/v1/connections/refresh")
     assert 2 <= calls <= time.monotonic() - started + 3
+
+
+@pytest.mark.lab(clusters=2, gateway_args=["--connection-lease", "3s"])
+async def test_a_restarted_client_gateway_keeps_refreshing_its_leases(lab: Lab) -> None:
+    await join(lab, "cluster1", "cluster2")
+    await endpoint(lab, "cluster2", "vpn-gw-1", "vpn", "172.16.1.0/24", intranet=False)
+    conn = await request(lab, "cluster1", "vpn@cluster2")
+    pid = (await lab.status()).clusters[0].gateway_pid
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    await wait_exited([pid])
+    await lab.up(2)
+    await asyncio.sleep(7.5)  # two and a half leases: only refreshes keep it
+    (served,) = await fedgw(lab, "cluster2", "connections")
+    (kept,) = await fedgw(lab, "cluster1", "connections")
+    assert served["id"] == kept["id"] == conn["id"]
+    assert (kept["state"], kept["client"]["address"]) == ("up", conn["client"]["address"])
+    assert "lease expired" not in lab.layout.log("cluster2").read_text()
+    endpoint_ip = conn["server"]["address"].split("/")[0]
+    assert await ping(lab, "cluster1", endpoint_ip)
 
 
 @pytest.mark.lab(clusters=2, gateway_args=["--connection-lease", "3s"])
