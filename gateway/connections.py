@@ -608,8 +608,8 @@ class ConnectionManager:
             except FedgwError as exc:
                 await self._down(chunk, f"lease refresh failed: {exc}")
                 continue
-            for grant in grants.leases:
-                await self._extended(peer, grant)
+            # Together: their store writes then go in one transaction, not one each.
+            await asyncio.gather(*(self._extended(peer, grant) for grant in grants.leases))
             await self._down(
                 [cid for cid in grants.unknown if cid in chunk],
                 f"{peer} no longer has the connection (endpoint gone or lease lost)",
