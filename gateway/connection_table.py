@@ -1,7 +1,8 @@
 """The connection records of a gateway, by id, with the indexes that every new
 connection consults: the interface names taken in each workload, and how many
-connections each endpoint serves. Scanning every record for those made a connection's
-cost grow with the number of connections there are."""
+connections each endpoint serves; and the client workloads that supervision looks at
+twice a second. Scanning every record for those made a connection's cost, and an idle
+gateway's, grow with the number of connections there are."""
 
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def _interfaces(record: ConnectionRecord) -> list[tuple[WorkloadKey, str]]:
     return taken
 
 
+def _client(record: ConnectionRecord) -> Workload | None:
+    """The workload of a connection's client, if it is in this gateway's domain."""
+    if record.role in ("client", "local"):
+        return record.connection.client.workload
+    return None
+
+
 def _served_by(record: ConnectionRecord) -> str | None:
     if record.role in ("server", "local"):
         return record.connection.server.endpoint
@@ -64,6 +72,7 @@ class ConnectionTable:
         # Per workload, an index below which every nsmN is taken: an endpoint serving a
         # thousand connections is not searched from nsm0 each time.
         self._low: dict[WorkloadKey, int] = {}
+        self._clients: dict[WorkloadKey, tuple[Workload, set[str]]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -86,6 +95,9 @@ class ConnectionTable:
         for key, name in _interfaces(record):
             self._names.setdefault(key, Counter())[name] += 1
         self._load[_served_by(record)] += 1
+        if (workload := _client(record)) is not None:
+            key = workload_key(workload)
+            self._clients.setdefault(key, (workload, set()))[1].add(record.connection.id)
 
     def pop(self, connection_id: str) -> ConnectionRecord | None:
         record = self._records.pop(connection_id, None)
@@ -103,7 +115,18 @@ class ConnectionTable:
                 del self._names[key]
                 self._low.pop(key, None)
         self._load[_served_by(record)] -= 1
+        if (workload := _client(record)) is not None:
+            key = workload_key(workload)
+            ids = self._clients[key][1]
+            ids.discard(connection_id)
+            if not ids:
+                del self._clients[key]
         return record
+
+    def client_workloads(self) -> list[tuple[Workload, frozenset[str]]]:
+        """Each workload of this domain that is the client of connections, once, with
+        those connections."""
+        return [(workload, frozenset(ids)) for workload, ids in self._clients.values()]
 
     def load(self, endpoint: str) -> int:
         """How many connections ``endpoint`` serves."""

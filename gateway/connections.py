@@ -60,7 +60,7 @@ from fedgw.models import (
 )
 from fedgw.names import LabelKey, LabelValue, Reference, ReferenceField
 from fedgw.store import Collection, Store
-from gateway.connection_table import ConnectionRecord, ConnectionTable, WorkloadKey, workload_key
+from gateway.connection_table import ConnectionRecord, ConnectionTable
 from gateway.events import Event, EventBus, EventType
 from gateway.registry import Registry
 from gateway.workloads import WorkloadProbe
@@ -948,22 +948,13 @@ class ConnectionManager:
         if now - self._silence_checked >= 5.0:  # reading tunnel counters is not free
             self._silence_checked = now
             silent = await self._silent_tunnels()
-        clients = {
-            r.connection.id: r.connection.client.workload
-            for r in self._connections.values()
-            if r.role in ("client", "local") and r.connection.client.workload is not None
-        }
+        # Each client workload once, however many connections it has.
+        workloads = self._connections.client_workloads()
 
         def probe() -> set[str]:
-            # Many connections share a workload: each one is looked at once.
-            alive: dict[WorkloadKey, bool] = {}
-            for w in clients.values():
-                key = workload_key(w)
-                if key not in alive:
-                    alive[key] = self._probe.alive(w)
-            return {cid for cid, w in clients.items() if not alive[workload_key(w)]}
+            return {cid for w, ids in workloads if not self._probe.alive(w) for cid in ids}
 
-        gone = await asyncio.to_thread(probe) if clients else set()
+        gone = await asyncio.to_thread(probe) if workloads else set()
         # Only connections with something to do get a task: at thousands of connections,
         # a task and a lock each, twice a second, would cost more than the work.
         due = [

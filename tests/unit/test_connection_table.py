@@ -12,7 +12,7 @@ from fedgw.errors import Exhausted
 from fedgw.models import Connection, ConnectionEnd, Workload
 from fedgw.names import Reference
 from gateway import connection_table
-from gateway.connection_table import ConnectionRecord, ConnectionTable, Role
+from gateway.connection_table import ConnectionRecord, ConnectionTable, Role, workload_key
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 CLIENTS = [Workload(netns="c1"), Workload(netns="c2"), Workload(pid=42, pid_start_ticks=7)]
@@ -94,6 +94,14 @@ def test_indexes_follow_puts_replacements_and_pops() -> None:
             r.connection.server.endpoint for r in records if r.role in ("server", "local")
         )
         assert {e: table.load(e) for e in ("e1", "e2")} == {e: load[e] for e in ("e1", "e2")}
+        clients: dict[tuple[object, ...], set[str]] = {}
+        for r in records:
+            w = r.connection.client.workload
+            if r.role != "server" and w is not None:
+                clients.setdefault(workload_key(w), set()).add(r.connection.id)
+        indexed = table.client_workloads()
+        assert len(indexed) == len(clients)  # each workload once
+        assert {workload_key(w): set(ids) for w, ids in indexed} == clients
     assert set(table._low) <= set(table._names)  # nothing kept for workloads without names
 
 
