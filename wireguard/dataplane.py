@@ -24,6 +24,7 @@ from wireguard.drivers.base import (
     PeerSpec,
     WireGuardDriver,
     plan_peer,
+    sort_prefixes,
 )
 from wireguard.errors import (
     DataplaneError,
@@ -715,7 +716,7 @@ class Dataplane:
             listen_port=peer.listen_port,
             mtu=tunnel.mtu,
             persistent_keepalive=peer.persistent_keepalive,
-            allowed_ips=[str(n) for n in self._model.ledger.allowed(peer.domain)],
+            allowed_ips=[],  # what the interface has; what it should have if unreadable
             last_handshake=None,
             rx_bytes=0,
             tx_bytes=0,
@@ -723,10 +724,10 @@ class Dataplane:
         try:
             state = await self.driver.state(ref)
         except DataplaneError as exc:
-            return status.model_copy(update={"error": str(exc)})
+            return self._peer_error(status, str(exc))
         found = state.peer(peer.public_key)
         if found is None:
-            return status.model_copy(update={"error": "the peer is missing on the interface"})
+            return self._peer_error(status, "the peer is missing on the interface")
         return status.model_copy(
             update={
                 "listen_port": state.listen_port,
@@ -737,6 +738,13 @@ class Dataplane:
                 "tx_bytes": found.tx_bytes,
             }
         )
+
+    def _peer_error(self, status: PeerStatus, error: str) -> PeerStatus:
+        """``status`` with ``error`` and the allowed IPs the interface should have, in
+        the interface's order: formatted only here, as there are thousands of them with
+        many connections."""
+        allowed = [str(n) for n in sort_prefixes(self._model.ledger.allowed(status.domain))]
+        return status.model_copy(update={"error": error, "allowed_ips": allowed})
 
     def _wire_status(self, plan: WirePlan, model: _Model) -> WireStatus:
         wire = plan.wire

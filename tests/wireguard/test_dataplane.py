@@ -1083,6 +1083,7 @@ async def test_a_dead_daemon_is_replaced_with_its_peer_and_routes(dlab: Dataplan
     assert (await ping(p.client, SERVICE_ADDRESS, count=1))[1] == 0
     [peer] = (await p.a.dataplane.state()).peers
     assert peer.error is not None
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]  # what it should have
     # What the gateway does when the driver reports the death: ensure the peer again.
     await p.a.dataplane.ensure_peer(p.a.tunnel_to(p.b))
     assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
