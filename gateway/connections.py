@@ -171,7 +171,10 @@ class ConnectionManager:
         self._repair = False
         self._counters: dict[str, tuple[int, int]] = {}
         self._ensured: dict[str, PeerTunnel] = {}  # tunnels as last applied
-        self._tunnel_locks: dict[str, asyncio.Lock] = {}
+        # And per peer, around making sure of its tunnel.
+        self._tunnel_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._silence_checked = 0.0
         self._refresh_retry = 1.0
 
@@ -296,11 +299,7 @@ class ConnectionManager:
         return ConnectionCounts(**{k: v for k, v in counted.items() if k != "closed"})
 
     def _lock(self, connection_id: str) -> asyncio.Lock:
-        lock = self._locks.get(connection_id)
-        if lock is None:
-            lock = asyncio.Lock()
-            self._locks[connection_id] = lock
-        return lock
+        return _lock_in(self._locks, connection_id)
 
     @contextlib.asynccontextmanager
     async def _holding(self, connection_id: str) -> AsyncIterator[ConnectionRecord | None]:
@@ -363,7 +362,7 @@ class ConnectionManager:
         # Every connection passes here; the tunnel changes rarely, and making sure of it
         # means reading the whole namespace. The first of a burst does it, the others
         # wait for it and find it done.
-        async with self._tunnel_locks.setdefault(domain, asyncio.Lock()):
+        async with _lock_in(self._tunnel_locks, domain):
             if self._ensured.get(domain) != peer:
                 await dataplane.ensure_peer(peer)
                 self._ensured[domain] = peer
@@ -375,13 +374,12 @@ class ConnectionManager:
                 if record is not None:
                     await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
         # Under the tunnel's lock: a connection making sure of the tunnel finishes first.
-        async with self._tunnel_locks.setdefault(domain, asyncio.Lock()):
+        async with _lock_in(self._tunnel_locks, domain):
             self._ensured.pop(domain, None)
             if self._tunnels.pop(domain, None) is not None:
                 await self._tunnel_records.delete(domain)
                 if self._dataplane is not None:
                     await self._dataplane.remove_peer(domain)
-        self._tunnel_locks.pop(domain, None)
 
     # --- wires -----------------------------------------------------------------------------
 
@@ -1095,6 +1093,16 @@ class ConnectionManager:
             return
         self._backoff.pop(c.id, None)
         self._retry_at.pop(c.id, None)
+
+
+def _lock_in(locks: weakref.WeakValueDictionary[str, asyncio.Lock], key: str) -> asyncio.Lock:
+    """The lock of ``key`` in ``locks``: made when first asked for, alive while someone
+    holds or awaits it."""
+    lock = locks.get(key)
+    if lock is None:
+        lock = asyncio.Lock()
+        locks[key] = lock
+    return lock
 
 
 async def load_or_create_key(path: Path) -> PrivateKey:
