@@ -83,6 +83,48 @@ async def test_get_parses_a_wireguard_go_answer(short_tmp: Path) -> None:
     assert peer.allowed_ips == prefixes("10.0.0.0/24", "fd00::/64")
 
 
+async def test_a_long_answer_in_small_pieces_is_read_whole(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of allowed IPs, written a few bytes at a time (the empty line that ends
+    the answer split between two writes): every line arrives, and a read that leaves the
+    allowed IPs out still has the peer's counters."""
+    peer_key = PrivateKey.generate().public_key()
+    nets = [f"10.{i // 256}.{i % 256}.1/32" for i in range(3000)]
+    answer = (
+        f"listen_port=51820\npublic_key={peer_key.hex()}\ntx_bytes=10\nrx_bytes=20\n"
+        + "".join(f"allowed_ip={n}\n" for n in nets)
+        + "errno=0\n\n"
+    ).encode()
+
+    async def dribble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\n\n")
+        for i in range(0, len(answer) - 1, 4099):
+            writer.write(answer[i : min(i + 4099, len(answer) - 1)])
+            await writer.drain()
+            await asyncio.sleep(0)
+        writer.write(answer[-1:])
+        await writer.drain()
+        await reader.read()  # the client closes
+
+    server = await asyncio.start_unix_server(dribble, str(short_tmp / "wg0.sock"))
+    try:
+        sock = UapiSocket(short_tmp / "wg0.sock", timeout=5)
+        full = parse_device(REF, await sock.get()).state
+        light = parse_device(REF, await sock.get(), allowed_ips=False).state
+        # An answer longer than the daemon could sensibly send is refused, not kept.
+        monkeypatch.setattr("wireguard.drivers.uapi._MAX_RESPONSE", 10_000)
+        with pytest.raises(UapiFailed, match="longer than") as long:
+            await sock.get()
+    finally:
+        server.close()
+    assert long.value.errno == errno.EMSGSIZE
+    assert full.peers[0].allowed_ips == prefixes(*nets)
+    assert light.peers[0].allowed_ips == ()
+    assert (light.peers[0].rx_bytes, light.peers[0].tx_bytes) == (20, 10)
+    assert light.listen_port == 51820
+
+
 async def test_set_sends_one_peer_and_maps_errno(short_tmp: Path) -> None:
     answers = iter([b"errno=0\n\n", b"errno=-22\n\n", b"errno=16\n\n"])
     fake, server = await serve(short_tmp / "wg0.sock", lambda _: next(answers))
@@ -117,11 +159,16 @@ async def test_set_sends_one_peer_and_maps_errno(short_tmp: Path) -> None:
 
 
 async def test_broken_answers_and_dead_sockets(short_tmp: Path) -> None:
-    fake, server = await serve(short_tmp / "wg0.sock", lambda _: b"listen_port=1\n")
+    answers = iter([b"listen_port=1\n", b"\n", b"listen_port\nerrno=0\n\n"])
+    fake, server = await serve(short_tmp / "wg0.sock", lambda _: next(answers))
     try:
         with pytest.raises(UapiFailed, match="closed before the answer ended") as exc:
             await UapiSocket(fake.path, timeout=2).get()
         assert exc.value.errno == errno.EPROTO
+        with pytest.raises(UapiFailed, match="answer without errno"):
+            await UapiSocket(fake.path, timeout=2).get()
+        with pytest.raises(UapiFailed, match="malformed answer line 'listen_port'"):
+            await UapiSocket(fake.path, timeout=2).get()
     finally:
         server.close()
         await server.wait_closed()

@@ -31,6 +31,16 @@ _ZERO_KEY = "0" * 64
 _MAX_RESPONSE = 16 * 1024 * 1024  # a get of thousands of peers is a few MB at most
 
 
+def _answer_end(answer: bytearray, start: int) -> int:
+    """Where the lines of a complete answer end (before its empty line); -1 if the
+    empty line has not come yet. ``start``: where to look from (earlier bytes were
+    searched already)."""
+    if answer[:1] == b"\n":
+        return 0
+    end = answer.find(b"\n\n", start)
+    return end if end < 0 else end + 1
+
+
 def socket_path(socket_dir: Path, name: str) -> Path:
     return socket_dir / f"{name}.sock"
 
@@ -72,27 +82,38 @@ class UapiSocket:
         return pairs
 
     async def _exchange(self, body: str) -> list[tuple[str, str]]:
-        reader, writer = await asyncio.open_unix_connection(str(self.path), limit=_MAX_RESPONSE)
+        reader, writer = await asyncio.open_unix_connection(str(self.path))
         try:
             writer.write(body.encode("ascii"))
             await writer.drain()
-            pairs: list[tuple[str, str]] = []
-            while True:
-                line = await reader.readline()
-                if not line:
+            # The answer is read in large chunks up to its empty line, not line by line:
+            # a get carries one line per allowed IP, thousands with many connections.
+            answer = bytearray()
+            end = -1
+            while end < 0:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
                     raise UapiFailed(
                         f"{self.path}: connection closed before the answer ended",
                         errno=errno.EPROTO,
                     )
-                text = line.decode("ascii", errors="replace").rstrip("\n")
-                if not text:
-                    return pairs
+                searched = max(len(answer) - 1, 0)
+                answer += chunk
+                end = _answer_end(answer, searched)
+                if len(answer) > _MAX_RESPONSE:
+                    raise UapiFailed(
+                        f"{self.path}: answer longer than {_MAX_RESPONSE} bytes",
+                        errno=errno.EMSGSIZE,
+                    )
+            pairs: list[tuple[str, str]] = []
+            for text in answer[:end].decode("ascii", errors="replace").split("\n")[:-1]:
                 key, sep, value = text.partition("=")
                 if not sep:
                     raise UapiFailed(
                         f"{self.path}: malformed answer line {text!r}", errno=errno.EPROTO
                     )
                 pairs.append((key, value))
+            return pairs
         finally:
             writer.close()
             with contextlib.suppress(OSError):
@@ -209,7 +230,9 @@ class _PeerBuilder:
         )
 
 
-def parse_device(ref: InterfaceRef, pairs: Sequence[tuple[str, str]]) -> Device:
+def parse_device(
+    ref: InterfaceRef, pairs: Sequence[tuple[str, str]], *, allowed_ips: bool = True
+) -> Device:
     private_key: PrivateKey | None = None
     listen_port = fwmark = 0
     peers: list[_PeerBuilder] = []
@@ -217,6 +240,9 @@ def parse_device(ref: InterfaceRef, pairs: Sequence[tuple[str, str]]) -> Device:
         for key, value in pairs:
             if key == "public_key":
                 peers.append(_PeerBuilder(PublicKey.from_hex(value)))
+            elif key == "allowed_ip":
+                if allowed_ips and peers:
+                    peers[-1].allowed.append(value)
             elif not peers:
                 if key == "private_key":
                     private_key = None if value == _ZERO_KEY else PrivateKey.from_hex(value)
@@ -242,8 +268,6 @@ def _peer_line(peer: _PeerBuilder, key: str, value: str) -> None:
     # Unknown keys are skipped: newer daemons may report more than we read.
     if key == "endpoint":
         peer.endpoint = Endpoint.parse(value)
-    elif key == "allowed_ip":
-        peer.allowed.append(value)
     elif key == "persistent_keepalive_interval":
         peer.keepalive = _int(value, key)
     elif key == "last_handshake_time_sec":
