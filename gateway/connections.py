@@ -1010,7 +1010,7 @@ class ConnectionManager:
         if self._dataplane is None:
             return set()
         try:
-            peers = await self._dataplane.peers()
+            peers = await self._dataplane.peers(allowed_ips=False)
         except FedgwError:
             return set()
         now = self._clock.now()

@@ -677,11 +677,9 @@ class Dataplane:
         """Remove objects, closing the path first (marks, rules), then what it led to."""
         objs = list(objects)
         await self.nft.delete(m for m in objs if isinstance(m, Mark))
-        for rule in (o for o in objs if isinstance(o, Rule)):
-            await self.rtnl.delete_rule(rule)
+        await self.rtnl.delete_rules([o for o in objs if isinstance(o, Rule)])
         await self._allowed(objs, add=False)
-        for r in (o for o in objs if isinstance(o, Route)):
-            await self.rtnl.delete_route(r)
+        await self.rtnl.delete_routes([o for o in objs if isinstance(o, Route)])
         for n in (o for o in objs if isinstance(o, Neighbour)):
             await self.rtnl.delete_neighbour(n)
 
@@ -695,17 +693,23 @@ class Dataplane:
             if tunnel is None:
                 continue  # the tunnel is being set up or removed; it syncs its own list
             ref = self._ref(tunnel.plan.interface)
-            nets = [a.prefix for a in allowed]
+            key = tunnel.peer.public_key
             if add:
                 # The ledger counts references: these prefixes are new to the peer.
-                await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets, known_new=True)
+                nets = [a.prefix for a in allowed]
+                await self.driver.add_allowed_ips(ref, key, nets, known_new=True)
             else:
+                # WireGuard removes only by replacing the list. The ledger has released
+                # these prefixes and holds the rest, so the interface is not read first:
+                # that read grows with every connection and would slow each close.
                 with contextlib.suppress(LinkNotFound):
-                    await self.driver.remove_allowed_ips(ref, tunnel.peer.public_key, nets)
+                    await self.driver.replace_allowed_ips(
+                        ref, key, self._model.ledger.allowed(domain)
+                    )
 
     # --- status -----------------------------------------------------------------------------
 
-    async def _peer_status(self, tunnel: _Tunnel) -> PeerStatus:
+    async def _peer_status(self, tunnel: _Tunnel, *, allowed_ips: bool = True) -> PeerStatus:
         ref = self._ref(tunnel.plan.interface)
         peer = tunnel.peer
         status = PeerStatus(
@@ -722,12 +726,13 @@ class Dataplane:
             tx_bytes=0,
         )
         try:
-            state = await self.driver.state(ref)
+            state = await self.driver.state(ref, allowed_ips=allowed_ips)
         except DataplaneError as exc:
-            return self._peer_error(status, str(exc))
+            return self._peer_error(status, str(exc), allowed_ips=allowed_ips)
         found = state.peer(peer.public_key)
         if found is None:
-            return self._peer_error(status, "the peer is missing on the interface")
+            error = "the peer is missing on the interface"
+            return self._peer_error(status, error, allowed_ips=allowed_ips)
         return status.model_copy(
             update={
                 "listen_port": state.listen_port,
@@ -739,10 +744,12 @@ class Dataplane:
             }
         )
 
-    def _peer_error(self, status: PeerStatus, error: str) -> PeerStatus:
-        """``status`` with ``error`` and the allowed IPs the interface should have, in
-        the interface's order: formatted only here, as there are thousands of them with
-        many connections."""
+    def _peer_error(self, status: PeerStatus, error: str, *, allowed_ips: bool) -> PeerStatus:
+        """``status`` with ``error`` and (if asked for) the allowed IPs the interface
+        should have, in the interface's order: formatted only here, as there are
+        thousands of them with many connections."""
+        if not allowed_ips:
+            return status.model_copy(update={"error": error})
         allowed = [str(n) for n in sort_prefixes(self._model.ledger.allowed(status.domain))]
         return status.model_copy(update={"error": error, "allowed_ips": allowed})
 
@@ -762,13 +769,16 @@ class Dataplane:
             tables=[t] if (t := model.tables.get(plan.table)) is not None else [],
         )
 
-    async def peers(self) -> list[PeerStatus]:
-        """Each tunnel: its peer, handshake and counters."""
+    async def peers(self, *, allowed_ips: bool = True) -> list[PeerStatus]:
+        """Each tunnel: its peer, handshake and counters. ``allowed_ips=False`` leaves
+        the peers' allowed IPs out (empty), for callers after the counters: there is
+        one per connection, and reading them would hold up the wiring."""
         async with self._lock:
-            return await self._peers()
+            return await self._peers(allowed_ips=allowed_ips)
 
-    async def _peers(self) -> list[PeerStatus]:
-        return [await self._peer_status(t) for _, t in sorted(self._model.tunnels.items())]
+    async def _peers(self, *, allowed_ips: bool = True) -> list[PeerStatus]:
+        tunnels = sorted(self._model.tunnels.items())
+        return [await self._peer_status(t, allowed_ips=allowed_ips) for _, t in tunnels]
 
     async def state(self) -> DataplaneStatus:
         """The driver, each tunnel (handshake, counters) and each wire."""

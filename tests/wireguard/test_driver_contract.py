@@ -183,6 +183,39 @@ async def test_allowed_ips_are_added_and_removed_one_by_one(env: Env) -> None:
     assert not await env.driver.remove_allowed_ips(ref, key(), prefixes("10.3.0.0/24"))
 
 
+async def test_replacing_allowed_ips_touches_one_peer_and_creates_none(env: Env) -> None:
+    ref = await env.up()
+    k1, k2 = key(), key()
+    await env.driver.set_peer(ref, PeerSpec(k1, allowed_ips=prefixes("10.1.0.0/24", "10.1.1.0/24")))
+    await env.driver.set_peer(ref, PeerSpec(k2, allowed_ips=prefixes("10.2.0.0/24")))
+    await env.driver.replace_allowed_ips(ref, k1, prefixes("10.1.1.0/24", "10.1.2.0/24"))
+    state = await env.driver.state(ref)
+    assert allowed(state, k1) == prefixes("10.1.1.0/24", "10.1.2.0/24")
+    assert allowed(state, k2) == prefixes("10.2.0.0/24")
+    await env.driver.replace_allowed_ips(ref, k1, ())
+    peer = (await env.driver.state(ref)).peer(k1)
+    assert peer is not None
+    assert peer.allowed_ips == ()
+    # Update-only: a peer that is not there stays away.
+    await env.driver.replace_allowed_ips(ref, key(), prefixes("10.3.0.0/24"))
+    assert [p.public_key for p in (await env.driver.state(ref)).peers] == sorted([k1, k2])
+
+
+async def test_state_without_allowed_ips_has_the_counters_and_no_prefixes(env: Env) -> None:
+    ref = await env.up()
+    k1 = key()
+    endpoint = Endpoint.parse("192.0.2.7:51820")
+    await env.driver.set_peer(
+        ref, PeerSpec(k1, endpoint=endpoint, allowed_ips=prefixes("10.1.0.0/24", "fd00::/64"))
+    )
+    full = await env.driver.state(ref)
+    light = await env.driver.state(ref, allowed_ips=False)
+    [peer] = light.peers
+    assert peer.allowed_ips == ()
+    assert replace(peer, allowed_ips=full.peers[0].allowed_ips) == full.peers[0]
+    assert (light.public_key, light.listen_port) == (full.public_key, full.listen_port)
+
+
 async def test_a_prefix_belongs_to_one_peer_at_a_time(env: Env) -> None:
     ref = await env.up()
     k1, k2 = key(), key()

@@ -272,8 +272,13 @@ class WireGuardDriver(ABC):
         """Delete the interface (and stop what runs it); False if there was none."""
 
     @abstractmethod
-    async def state(self, iface: InterfaceRef) -> InterfaceState:
-        """The interface and its peers; :class:`LinkNotFound` if it does not exist."""
+    async def state(self, iface: InterfaceRef, *, allowed_ips: bool = True) -> InterfaceState:
+        """The interface and its peers; :class:`LinkNotFound` if it does not exist.
+
+        ``allowed_ips=False`` leaves every peer's ``allowed_ips`` empty instead of
+        parsing them, for a caller that wants handshakes and counters: the list grows
+        with every connection, and parsing it costs more than reading it.
+        """
 
     @abstractmethod
     async def interfaces(self, netns: str | None) -> list[InterfaceRef]:
@@ -357,6 +362,19 @@ class WireGuardDriver(ABC):
                 return False
             await self._write_peer(iface, PeerUpdate(public_key, create=False, allowed_ips=new))
             return True
+
+    async def replace_allowed_ips(
+        self, iface: InterfaceRef, public_key: PublicKey, nets: Iterable[Network]
+    ) -> None:
+        """Make ``nets`` the peer's whole list of allowed IPs, without reading the
+        interface first: for a caller that keeps the list itself, as reading and parsing
+        thousands of prefixes would cost far more than writing them. A peer that is not
+        there is not created."""
+        update = PeerUpdate(
+            public_key, create=False, replace_allowed_ips=True, allowed_ips=sort_prefixes(nets)
+        )
+        async with self._locked(iface):
+            await self._write_peer(iface, update)
 
     async def remove_allowed_ips(
         self, iface: InterfaceRef, public_key: PublicKey, nets: Iterable[Network]

@@ -134,13 +134,15 @@ class KernelDriver(WireGuardDriver):
             return LinkNotFound(f"WireGuard interface {iface} does not exist")
         return NetlinkFailed(f"{action} on {iface}: {os.strerror(exc.code)}", errno=exc.code)
 
-    async def _read(self, iface: InterfaceRef) -> tuple[InterfaceState, PrivateKey | None]:
+    async def _read(
+        self, iface: InterfaceRef, *, allowed_ips: bool = True
+    ) -> tuple[InterfaceState, PrivateKey | None]:
         async with self._genl(iface) as wg:
             try:
                 messages = [msg async for msg in await wg.info(iface.name)]
             except NetlinkError as exc:
                 raise self._failed(iface, "read", exc) from exc
-        return parse_device(iface, messages)
+        return parse_device(iface, messages, allowed_ips=allowed_ips)
 
     async def _set(self, iface: InterfaceRef, **kwargs: Any) -> None:
         async with self._genl(iface) as wg:
@@ -193,8 +195,8 @@ class KernelDriver(WireGuardDriver):
         self._forget(iface)
         return removed
 
-    async def state(self, iface: InterfaceRef) -> InterfaceState:
-        return (await self._read(iface))[0]
+    async def state(self, iface: InterfaceRef, *, allowed_ips: bool = True) -> InterfaceState:
+        return (await self._read(iface, allowed_ips=allowed_ips))[0]
 
     async def interfaces(self, netns: str | None) -> list[InterfaceRef]:
         async with Rtnl(netns) as rtnl:
@@ -259,7 +261,7 @@ def _key(value: Any) -> str:
 
 
 def parse_device(
-    iface: InterfaceRef, messages: Iterable[Any]
+    iface: InterfaceRef, messages: Iterable[Any], *, allowed_ips: bool = True
 ) -> tuple[InterfaceState, PrivateKey | None]:
     """Merge the messages of a device dump: the kernel splits long peer lists (and one
     peer's long allowed-IP list) over several messages, repeating the peer's key."""
@@ -276,7 +278,7 @@ def parse_device(
             if (mark := msg.get_attr("WGDEVICE_A_FWMARK")) is not None:
                 fwmark = mark
             for attrs in msg.get_attr("WGDEVICE_A_PEERS") or ():
-                _merge_peer(peers, attrs)
+                _merge_peer(peers, attrs, allowed_ips=allowed_ips)
     except InvalidKey as exc:
         raise NetlinkFailed(f"device dump of {iface}: {exc}", errno=errno.EPROTO) from None
     state = InterfaceState(
@@ -301,7 +303,9 @@ def parse_device(
     return state, private_key
 
 
-def _merge_peer(peers: dict[PublicKey, _PeerBuilder], attrs: Any) -> None:
+def _merge_peer(
+    peers: dict[PublicKey, _PeerBuilder], attrs: Any, *, allowed_ips: bool = True
+) -> None:
     key = PublicKey.from_base64(_key(attrs.get_attr("WGPEER_A_PUBLIC_KEY")))
     peer = peers.setdefault(key, _PeerBuilder(key))
     if (psk := attrs.get_attr("WGPEER_A_PRESHARED_KEY")) is not None:
@@ -321,6 +325,6 @@ def _merge_peer(peers: dict[PublicKey, _PeerBuilder], attrs: Any) -> None:
         peer.rx = rx
     if (tx := attrs.get_attr("WGPEER_A_TX_BYTES")) is not None:
         peer.tx = tx
-    for allowed in attrs.get_attr("WGPEER_A_ALLOWEDIPS") or ():
+    for allowed in (attrs.get_attr("WGPEER_A_ALLOWEDIPS") if allowed_ips else None) or ():
         if allowed.get("addr"):
             peer.allowed.append(allowed["addr"])

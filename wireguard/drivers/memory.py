@@ -143,14 +143,15 @@ class MemoryDriver(WireGuardDriver):
         self._forget(iface)
         return True
 
-    async def state(self, iface: InterfaceRef) -> InterfaceState:
+    async def state(self, iface: InterfaceRef, *, allowed_ips: bool = True) -> InterfaceState:
         found = self._get(iface)
+        peers = (found.peers[k] for k in sorted(found.peers))
         return InterfaceState(
             ref=iface,
             public_key=found.spec.private_key.public_key(),
             listen_port=found.listen_port,
             fwmark=found.fwmark,
-            peers=tuple(found.peers[k] for k in sorted(found.peers)),
+            peers=tuple(p if allowed_ips else replace(p, allowed_ips=()) for p in peers),
         )
 
     async def interfaces(self, netns: str | None) -> list[InterfaceRef]:

@@ -458,13 +458,13 @@ class UserspaceDriver(WireGuardDriver):
         self._forget(iface)
         return was_running
 
-    async def state(self, iface: InterfaceRef) -> InterfaceState:
+    async def state(self, iface: InterfaceRef, *, allowed_ips: bool = True) -> InterfaceState:
         sock = await self._uapi_for(iface)
         try:
             pairs = await sock.get()
         except UapiFailed as exc:
             raise self._gone(iface, exc) from exc
-        return uapi.parse_device(iface, pairs).state
+        return uapi.parse_device(iface, pairs, allowed_ips=allowed_ips).state
 
     def _gone(self, iface: InterfaceRef, exc: UapiFailed) -> UapiFailed | LinkNotFound:
         tracked = self._daemons.get(iface.name)
