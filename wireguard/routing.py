@@ -263,6 +263,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self._objects: dict[Hashable, tuple[GatewayObject, int]] = {}
+        # Each peer's allowed IPs on their own as well: a closing wire rewrites its
+        # peer's list, and finding them among every object would grow with the wires.
+        self._allowed: dict[str, dict[Network, None]] = {}
 
     def check(self, objects: Iterable[GatewayObject], what: str) -> None:
         """:class:`WireConflict` if any object contradicts one already held."""
@@ -280,6 +283,8 @@ class Ledger:
             if held is None:
                 self._objects[key] = (obj, 1)
                 new.append(obj)
+                if isinstance(obj, Allowed):
+                    self._allowed.setdefault(obj.domain, {})[obj.prefix] = None
             else:
                 self._objects[key] = (held[0], held[1] + 1)
         return new
@@ -295,6 +300,8 @@ class Ledger:
             if held[1] <= 1:
                 del self._objects[key]
                 gone.append(held[0])
+                if isinstance(obj, Allowed):
+                    self._forget_allowed(obj)
             else:
                 self._objects[key] = (held[0], held[1] - 1)
         return gone
@@ -305,8 +312,14 @@ class Ledger:
     def __len__(self) -> int:
         return len(self._objects)
 
+    def _forget_allowed(self, obj: Allowed) -> None:
+        prefixes = self._allowed[obj.domain]
+        del prefixes[obj.prefix]
+        if not prefixes:
+            del self._allowed[obj.domain]
+
     def allowed(self, domain: str) -> tuple[Network, ...]:
-        return tuple(o.prefix for o in self if isinstance(o, Allowed) and o.domain == domain)
+        return tuple(self._allowed.get(domain, ()))
 
 
 def mask_shift(mask: int) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 from typing import Any
 
 import pytest
@@ -162,6 +163,30 @@ def test_the_ledger_counts_shared_objects_and_refuses_contradictions() -> None:
     assert ledger.allowed("b") == (OFFERED,)
     # The protocol number is a tag, not part of what a route is.
     ledger.check([Route(net("172.16.1.1/32"), 7, dev="fgwcone", protocol=147)], "same")
+
+
+def test_the_ledger_knows_each_peers_allowed_ips_as_a_scan_would_find_them() -> None:
+    """The per-peer index of allowed IPs against a scan of every object, through random
+    acquires and releases of shared and unshared prefixes."""
+    rng = random.Random(7)  # noqa: S311 (a reproducible test sequence, not a secret)
+    ledger = Ledger()
+    held: list[list[Allowed | Route]] = []
+    for _ in range(400):
+        if held and rng.random() < 0.4:
+            ledger.release(held.pop(rng.randrange(len(held))))
+        else:
+            domain = rng.choice("bcd")
+            prefix = net(f"10.{rng.randrange(3)}.{rng.randrange(8)}.0/24")
+            objs: list[Allowed | Route] = [Allowed(domain, prefix), Route(prefix, 7, dev="x")]
+            ledger.acquire(objs)
+            held.append(objs)
+        for domain in "bcd":
+            scanned = [o.prefix for o in ledger if isinstance(o, Allowed) and o.domain == domain]
+            assert ledger.allowed(domain) == tuple(scanned)
+    for objs in held:
+        ledger.release(objs)
+    assert len(ledger) == 0
+    assert ledger.allowed("b") == ()
 
 
 # --- plans -----------------------------------------------------------------------------------
