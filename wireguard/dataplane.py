@@ -72,6 +72,9 @@ from wireguard.wires import (
 
 log = logging.getLogger(__name__)
 
+_DELETING_AT_ONCE = 16
+"""Veth pairs deleted side by side (a socket and a worker thread each)."""
+
 WIREGUARD_OVERHEAD = 80
 """IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
 DEFAULT_UNDERLAY_MTU = 1500
@@ -289,6 +292,14 @@ class Dataplane:
         # Tunnel interfaces' indexes, for the routes of every wire through them; dropped
         # whenever a tunnel may have been remade, and after any failed attach.
         self._tunnel_indexes: dict[str, int] = {}
+        # Veth pairs being deleted after their wire let go of the lock (by name): an
+        # attach that wants one of those names waits until it is free.
+        self._dying: dict[str, asyncio.Event] = {}
+        self._deleting = asyncio.Semaphore(_DELETING_AT_ONCE)
+        # Peers whose list of allowed IPs is to be rewritten once the lock is free (see
+        # _rewrite_allowed_soon), and the tasks doing it.
+        self._rewrites: dict[str, asyncio.Future[None]] = {}
+        self._rewriting: set[asyncio.Task[None]] = set()
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -308,6 +319,7 @@ class Dataplane:
 
     async def close(self) -> None:
         """Close the sessions; tunnels and wires stay (a restarted gateway adopts them)."""
+        await asyncio.gather(*self._rewriting, return_exceptions=True)
         for session in (self._rtnl, self._nft):
             if session is not None:
                 await session.__aexit__(None, None, None)
@@ -488,12 +500,19 @@ class Dataplane:
             tunnel = model.tunnels.pop(domain, None)
             plans = [p for p in model.wires.values() if p.wire.peer == domain]
             for plan in plans:
-                await self._detach(plan)
-            if tunnel is not None:
-                await self._remove(model.ledger.release(tunnel.plan.objects))
-                await self.driver.remove_interface(self._ref(tunnel.plan.interface))
-            model.tables.release(("peer", domain))
-            return sorted({p.wire.connection_id for p in plans})
+                await self._unwire(plan)
+            dying = self._dying_now([plan.veth for plan in plans])
+            try:
+                if tunnel is not None:
+                    await self._remove(model.ledger.release(tunnel.plan.objects))
+                    await self.driver.remove_interface(self._ref(tunnel.plan.interface))
+                model.tables.release(("peer", domain))
+            except BaseException:
+                await self._shielded(self._delete_veths(dying))
+                raise
+        # The wires' pairs go after the lock is let go, as in detach().
+        await self._shielded(self._delete_veths(dying))
+        return sorted({p.wire.connection_id for p in plans})
 
     # --- wires ------------------------------------------------------------------------------
 
@@ -510,12 +529,50 @@ class Dataplane:
     async def detach(self, connection_id: str) -> bool:
         """Remove the wires of a connection (both ends, if it is local); False if it had
         none. Nothing else is touched: shared routes and allowed IPs stay while others
-        need them."""
+        need them.
+
+        The path is closed under the lock; the veth pairs are deleted after it is let
+        go. The kernel takes 15-20 ms to delete a link (it waits for RCU grace periods):
+        other wires need not wait for that, and deletions side by side overlap."""
+        rewrites: list[asyncio.Future[None]] = []
         async with self._lock:
             plans = self._model.connection_wires(connection_id)
             for plan in plans:
-                await self._detach(plan)
-            return bool(plans)
+                await self._unwire(plan, rewrites)
+            dying = self._dying_now([plan.veth for plan in plans])
+        await self._shielded(self._finish_detach(dying, rewrites))
+        return bool(plans)
+
+    async def _finish_detach(
+        self, dying: dict[str, asyncio.Event], rewrites: list[asyncio.Future[None]]
+    ) -> None:
+        results = await asyncio.gather(self._delete_veths(dying), *rewrites, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _dying_now(self, veths: list[str]) -> dict[str, asyncio.Event]:
+        """Mark ``veths`` as being deleted (under the lock, before it is let go)."""
+        gone = asyncio.Event()
+        for veth in veths:
+            self._dying[veth] = gone
+        return dict.fromkeys(veths, gone)
+
+    async def _delete_veths(self, dying: dict[str, asyncio.Event]) -> None:
+        """Delete veth pairs marked by :meth:`_dying_now`, each on a netlink socket of
+        its own (one socket handles one request at a time)."""
+
+        async def delete(veth: str) -> None:
+            async with self._deleting, Rtnl(self.settings.netns) as rtnl:
+                await rtnl.delete_link(veth)
+
+        try:
+            await asyncio.gather(*(delete(veth) for veth in dying))
+        finally:
+            for veth, gone in dying.items():
+                if self._dying.get(veth) is gone:
+                    del self._dying[veth]
+                gone.set()
 
     def _wire_mtu(self, wire: Wire, model: _Model) -> int:
         if wire.mtu is not None:
@@ -605,6 +662,8 @@ class Dataplane:
         """The wire's veth pair, both ends down, the workload's end configured and up;
         the gateway's end is brought up by :meth:`_apply`."""
         end = plan.workload_end
+        if (dying := self._dying.get(plan.veth)) is not None:
+            await dying.wait()  # the same wire, detached a moment ago
         for attempt in (1, 2):
             try:
                 link = await self.rtnl.add_veth_pair(
@@ -634,6 +693,16 @@ class Dataplane:
             raise
 
     async def _detach(self, plan: WirePlan) -> None:
+        await self._unwire(plan)
+        await self.rtnl.delete_link(plan.veth)
+
+    async def _unwire(
+        self, plan: WirePlan, rewrites: list[asyncio.Future[None]] | None = None
+    ) -> None:
+        """Everything of a wire but its veth pair, which takes the routes and neighbours
+        on it along when it goes: removing them one by one would only cost time.
+        ``rewrites``: take the allowed IPs off their peers later (see
+        :meth:`_rewrite_allowed_soon`), adding the writes to wait for."""
         # Out of the model first: if the kernel refuses a step, what is left is not
         # wanted any more, and the next reconciliation removes it.
         model = self._model
@@ -641,10 +710,48 @@ class Dataplane:
         model.remove_wire(plan)
         if not model.table_in_use(plan.table):
             model.tables.release(plan.table)
-        # Routes and neighbours on the veth go with it, as do the workload end, its
-        # address and its routes: removing them one by one would only cost time.
-        await self._remove(o for o in gone if not _on_link(o, plan.veth))
-        await self.rtnl.delete_link(plan.veth)
+        await self._remove((o for o in gone if not _on_link(o, plan.veth)), rewrites)
+
+    def _rewrite_allowed_soon(self, domain: str) -> asyncio.Future[None]:
+        """Rewrite the peer's allowed IPs from the ledger as soon as the lock is free.
+
+        WireGuard removes allowed IPs only by replacing a peer's whole list, one prefix
+        per connection. Wires closed one after another (the lock is fair: they queue
+        ahead of this write) share a single write instead of one each; until it is made,
+        the peer may still send from the removed prefixes, which lead nowhere any more.
+        Written under the lock, from the ledger as it is then: a wire attached meanwhile
+        keeps its prefixes."""
+        pending = self._rewrites.get(domain)
+        if pending is None:
+            pending = self._rewrites[domain] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._rewrite_allowed(domain, pending))
+            self._rewriting.add(task)
+            task.add_done_callback(self._rewriting.discard)
+        return pending
+
+    async def _rewrite_allowed(self, domain: str, done: asyncio.Future[None]) -> None:
+        try:
+            async with self._lock:
+                # Removals from here on need a write of their own.
+                if self._rewrites.get(domain) is done:
+                    del self._rewrites[domain]
+                if (tunnel := self._model.tunnels.get(domain)) is not None:
+                    with contextlib.suppress(LinkNotFound):
+                        await self.driver.replace_allowed_ips(
+                            self._ref(tunnel.plan.interface),
+                            tunnel.peer.public_key,
+                            self._model.ledger.allowed(domain),
+                        )
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except BaseException as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
+        finally:
+            if self._rewrites.get(domain) is done:
+                del self._rewrites[domain]
 
     # --- gateway objects --------------------------------------------------------------------
 
@@ -673,12 +780,21 @@ class Dataplane:
             await self.rtnl.link_request(veth, up=True),
         ]
 
-    async def _remove(self, objects: Iterable[GatewayObject]) -> None:
-        """Remove objects, closing the path first (marks, rules), then what it led to."""
+    async def _remove(
+        self,
+        objects: Iterable[GatewayObject],
+        rewrites: list[asyncio.Future[None]] | None = None,
+    ) -> None:
+        """Remove objects, closing the path first (marks, rules), then what it led to.
+        ``rewrites``: as for :meth:`_unwire`."""
         objs = list(objects)
         await self.nft.delete(m for m in objs if isinstance(m, Mark))
         await self.rtnl.delete_rules([o for o in objs if isinstance(o, Rule)])
-        await self._allowed(objs, add=False)
+        if rewrites is None:
+            await self._allowed(objs, add=False)
+        else:
+            domains = {o.domain for o in objs if isinstance(o, Allowed)}
+            rewrites += [self._rewrite_allowed_soon(d) for d in sorted(domains)]
         await self.rtnl.delete_routes([o for o in objs if isinstance(o, Route)])
         for n in (o for o in objs if isinstance(o, Neighbour)):
             await self.rtnl.delete_neighbour(n)
@@ -1090,7 +1206,8 @@ class _Reconciliation:
 
     async def _remove_stale(self, links: dict[str, Link], running: list[InterfaceRef]) -> None:
         dp = self.dp
-        wanted_veths = {p.veth for p in self.model.wires.values()}
+        # A pair being deleted is on its way out already.
+        wanted_veths = {p.veth for p in self.model.wires.values()} | set(dp._dying)
         wanted_tunnels = {t.plan.interface for t in self.model.tunnels.values()}
         for name in links:
             kind = self.naming.kind_of(name)

@@ -162,6 +162,10 @@ class Request:
     ignore: frozenset[int] = frozenset()
     ack: bool = True
     """False for messages the kernel does not answer (the ends of an nfnetlink batch)."""
+    sleeps: bool = False
+    """The kernel may sleep while it carries it out (deleting a link waits for RCU grace
+    periods: 15-20 ms). Netlink does the work inside the sending call, so a batch with
+    such a request is sent from a worker thread and the event loop goes on meanwhile."""
 
     @property
     def dump(self) -> bool:
@@ -257,7 +261,11 @@ class NetlinkSocket:
                 datagram += req.body
             replies = [Reply() for _ in requests]
             pending = set(index)
-            await loop.sock_sendall(self._sock, bytes(datagram))
+            if any(req.sleeps for req in requests):
+                # One datagram into a netlink socket is taken whole or not at all.
+                await asyncio.to_thread(self._sock.send, bytes(datagram))
+            else:
+                await loop.sock_sendall(self._sock, bytes(datagram))
             while pending:
                 data = await loop.sock_recv(self._sock, self.RECV_SIZE)
                 for kind, flags, seq, payload in _messages(data):
@@ -370,7 +378,7 @@ def no_ipv6_autoconf(index: int, name: str) -> Request:
 
 
 def delete_link(index: int, name: str) -> Request:
-    return Request(RTM_DELLINK, 0, _ifinfo(index), f"delete {name}")
+    return Request(RTM_DELLINK, 0, _ifinfo(index), f"delete {name}", sleeps=True)
 
 
 @dataclass(frozen=True, slots=True)

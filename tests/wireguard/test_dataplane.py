@@ -615,6 +615,40 @@ async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -
         assert await rtnl.find("nsm0") is None
 
 
+async def test_wires_closed_together_share_one_rewrite_of_the_allowed_ips(
+    dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six connections closed at once: their veth pairs go side by side after the lock,
+    and the peer's list of allowed IPs (rewritten whole by WireGuard) is written once or
+    twice, not six times, ending with exactly what the connection left open needs. An
+    attach right after that reuses a closed connection's addresses works."""
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    closing = [p.wires(f"conn-{n}", n, ifname=f"nsm{n}") for n in range(2, 8)]
+    for cw, ew in closing:
+        await p.attach(cw, ew)
+    writes: list[int] = []
+    replace_allowed_ips = p.a.dataplane.driver.replace_allowed_ips
+
+    async def counted(*args: Any) -> None:
+        writes.append(len(args[2]))
+        await replace_allowed_ips(*args)
+
+    monkeypatch.setattr(p.a.dataplane.driver, "replace_allowed_ips", counted)
+    await asyncio.gather(*(p.a.dataplane.detach(cw.connection_id) for cw, _ in closing))
+    assert 1 <= len(writes) <= 2, writes
+    [peer] = (await p.a.dataplane.state()).peers
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]
+    async with Rtnl(p.client) as rtnl:
+        assert [await rtnl.find(f"nsm{n}") for n in range(2, 8)] == [None] * 6
+    for _, ew in closing:
+        await p.b.dataplane.detach(ew.connection_id)
+    again = p.wires("conn-9", 2, ifname="nsm2")
+    await p.attach(*again)
+    assert await ping(p.client, str(again[1].address.ip), count=1) == (1, 1)
+    assert await ping(p.client, str(ENDPOINT_ADDRESS.ip), count=1) == (1, 1)
+
+
 async def test_two_peers_handing_out_the_same_prefixes_both_work(dlab: DataplaneLab) -> None:
     a = await dlab.gateway("a")
     b = await dlab.gateway("b")
