@@ -74,6 +74,9 @@ from wireguard.wires import ClientWire, EndpointWire, PeerTunnel
 
 log = logging.getLogger(__name__)
 
+_AT_ONCE = 16
+"""Connections that supervision, or a peer's departure, handles side by side."""
+
 MAX_BACKOFF = 30.0
 
 
@@ -369,10 +372,17 @@ class ConnectionManager:
 
     async def drop_peer(self, domain: str) -> None:
         """A peer left: close its connections and remove the tunnel."""
-        for cid in [r.connection.id for r in self._connections.values() if r.peer == domain]:
-            async with self._holding(cid) as record:
+        limit = asyncio.Semaphore(_AT_ONCE)
+
+        async def close(cid: str) -> None:
+            async with limit, self._holding(cid) as record:
                 if record is not None:
                     await self._close(record, f"{domain} is no longer a peer", tell_peer=False)
+
+        # Side by side: most of a close is the kernel deleting the wire's veth pair.
+        await asyncio.gather(
+            *(close(r.connection.id) for r in self._connections.values() if r.peer == domain)
+        )
         # Under the tunnel's lock: a connection making sure of the tunnel finishes first.
         async with _lock_in(self._tunnel_locks, domain):
             self._ensured.pop(domain, None)
@@ -962,7 +972,7 @@ class ConnectionManager:
         ]
         # Each connection on its own, a few at a time: a peer that does not answer
         # delays only its own connections, not the refreshes of the others.
-        limit = asyncio.Semaphore(16)
+        limit = asyncio.Semaphore(_AT_ONCE)
 
         async def one(cid: str) -> None:
             lock = self._lock(cid)

@@ -311,6 +311,25 @@ async def test_unrefreshed_lease_is_closed_and_addresses_reused(lab: Lab) -> Non
     assert again["client"]["address"] == conn["client"]["address"]
 
 
+@pytest.mark.lab(clusters=2)
+async def test_leaving_a_peer_closes_its_connections_on_both_sides(lab: Lab) -> None:
+    await join(lab, "cluster1", "cluster2")
+    await endpoint(lab, "cluster2", "vpn-gw-1", "vpn", "172.16.1.0/24", intranet=False)
+    clients = [f"c{i}" for i in range(5)]
+    for client in clients:
+        await request(lab, "cluster1", "vpn@cluster2", client)
+    assert (await dataplane(lab, "cluster2"))["wires"] == 5
+    await lab.run("cluster1", "fedgw", "leave", "cluster2")
+    # The peer is told, and forgets this domain: its side closes at once too.
+    for cluster in ("cluster1", "cluster2"):
+        assert await fedgw(lab, cluster, "connections") == []
+        state = await dataplane(lab, cluster)
+        assert (state["tunnels"], state["wires"]) == ([], 0), cluster
+    for client in clients:
+        async with Rtnl(lab.netns_of("cluster1", client)) as rtnl:
+            assert await rtnl.find("nsm0") is None, client
+
+
 async def test_lab_with_connections_comes_down_clean(lab_factory: LabFactory) -> None:
     before = host_snapshot()
     lab = await lab_factory(2)
