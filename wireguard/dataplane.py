@@ -745,11 +745,12 @@ class Dataplane:
         except asyncio.CancelledError:
             done.cancel()
             raise
-        except BaseException as exc:
+        except Exception as exc:
             done.set_exception(exc)
         else:
             done.set_result(None)
         finally:
+            # Cancelled or failed before it got the lock: the next removal starts anew.
             if self._rewrites.get(domain) is done:
                 del self._rewrites[domain]
 
