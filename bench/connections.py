@@ -14,7 +14,10 @@ In one run (root; a lab named ``bconn`` is built and always taken down):
 * gateway RSS of both gateways at the end;
 * a sample of the connections checked for traffic (ping through the tunnel);
 * the serving gateway restarted (SIGTERM, start): how long it takes to be ready, and
-  then until traffic flows again, with a ping running through it all.
+  then until traffic flows again, with a ping running through it all;
+* then every connection closed (``DELETE /v1/connections/ID``, same concurrency): the
+  cross-domain ones on cluster1, and the local baseline ones on cluster2 as the
+  baseline of closing; close latency p50/p99 and closes per second, and what is left.
 
     .venv/bin/python -m bench.connections [--connections 1000] [--concurrency 16]
         [--unloaded 100]
@@ -85,6 +88,32 @@ async def connect_many(
         return latencies, time.perf_counter() - t0, made
 
 
+async def close_many(
+    lab: Lab, cluster: str, ids: list[str], concurrency: int
+) -> tuple[list[float], float]:
+    """Close connections ``ids``; latencies and wall time."""
+    latencies: list[float] = []
+    async with RawHttp(str(lab.layout.socket(cluster)), connections=concurrency) as http:
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(cid: str) -> None:
+            async with sem:
+                t0 = time.perf_counter()
+                status, data = await http.request("DELETE", f"/v1/connections/{cid}")
+                latencies.append(time.perf_counter() - t0)
+            if status >= 300:
+                raise SystemExit(f"closing {cid}: {status} {data[:300]!r}")
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(cid) for cid in ids))
+        return latencies, time.perf_counter() - t0
+
+
+async def connection_ids(lab: Lab, cluster: str) -> list[str]:
+    _, out, _ = await lab.run(cluster, "fedgw", "connections", "--json")
+    return [str(c["id"]) for c in json.loads(out)]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=1000)
@@ -114,7 +143,7 @@ async def main() -> None:
         locals_ = [await lab.add_workload("cluster2", f"l{i}") for i in range(args.workloads)]
 
         pids = {c.name: c.gateway_pid for c in (await lab.status()).clusters}
-        base_lat, base_wall, _ = await connect_many(
+        base_lat, base_wall, base_made = await connect_many(
             lab, "cluster2", "vpn", locals_, args.baseline, args.concurrency
         )
         cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
@@ -176,8 +205,18 @@ async def main() -> None:
         connections_after = await lab.run("cluster1", "fedgw", "connections", "--json")
         up_after = sum(1 for c in json.loads(connections_after[1]) if c["state"] == "up")
 
+        # Closing: every cross-domain connection, then the local ones as the baseline.
+        close_lat, close_wall = await close_many(
+            lab, "cluster1", await connection_ids(lab, "cluster1"), args.concurrency
+        )
+        local_ids = [str(c["id"]) for c in base_made]
+        base_close_lat, base_close_wall = await close_many(
+            lab, "cluster2", local_ids, args.concurrency
+        )
+        left = {name: len(await connection_ids(lab, name)) for name in ("cluster1", "cluster2")}
+
         print(f"fedgw connections benchmark, {os.cpu_count()} CPUs, concurrency {args.concurrency}")
-        print(f"  {'':44} {'p50':>9} {'p99':>9} {'setups/s':>9}")
+        print(f"  {'':44} {'p50':>9} {'p99':>9} {'per sec':>9}")
         for label, samples, n, seconds in (
             (f"{args.connections} cross-domain (vpn@cluster2)", lat, args.connections, wall),
             (
@@ -187,6 +226,18 @@ async def main() -> None:
                 base_wall,
             ),
             (f"{args.unloaded} cross-domain, one at a time", one_lat, args.unloaded, one_wall),
+            (
+                f"close {len(close_lat)} cross-domain",
+                close_lat,
+                len(close_lat),
+                close_wall,
+            ),
+            (
+                f"close {len(base_close_lat)} local, baseline",
+                base_close_lat,
+                len(base_close_lat),
+                base_close_wall,
+            ),
         ):
             p50, p99 = pct(samples, 0.5) * 1000, pct(samples, 0.99) * 1000
             print(f"  {label:44} {p50:7.1f}ms {p99:7.1f}ms {n / seconds:9.1f}")
@@ -198,6 +249,11 @@ async def main() -> None:
             f"the first {args.concurrency}: max {max(lat[: args.concurrency]) * 1000:.1f}ms"
         )
         print(f"  ratio cross-domain/local p50: {pct(lat, 0.5) / pct(base_lat, 0.5):.2f}")
+        close_ratio = pct(close_lat, 0.5) / pct(base_close_lat, 0.5)
+        print(
+            f"  ratio cross-domain/local close p50: {close_ratio:.2f}; connections left "
+            "after closing: " + ", ".join(f"{k} {v}" for k, v in left.items())
+        )
         print(f"  mean request->up: {statistics.mean(lat) * 1000:.1f} ms")
         print("  gateway RSS: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in rss.items()))
         print(
