@@ -3,11 +3,14 @@ each request's own answer. Sockets are made in throwaway namespaces (root only).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import platform
+import time
 
 import pytest
+import uvloop
 
 from tests.hostcheck import needs_root
 from wireguard import rtnetlink as nl
@@ -143,3 +146,45 @@ async def test_a_new_veth_is_echoed_with_its_peers_index() -> None:
     echoed = nl.parse_link(payload)
     assert (kind, echoed.name, echoed.kind) == (nl.RTM_NEWLINK, "fgwt-a", "veth")
     assert echoed.peer_index == nl.parse_link(peer.messages[0][1]).index
+
+
+@needs_root
+def test_deleting_a_link_does_not_stop_the_event_loop() -> None:
+    """The kernel sleeps while it deletes a link (RCU grace periods), inside the send:
+    that send runs in a worker thread, and the loop keeps going meanwhile. Under
+    uvloop, as the gateway runs (there a blocking send stops the loop; the standard
+    loop happens not to show it)."""
+    each, longest = uvloop.run(_delete_links_while_ticking())
+    assert longest < each / 2, (each, longest)
+
+
+async def _delete_links_while_ticking() -> tuple[float, float]:
+    """Seconds each of four link deletions took, and the longest the loop stood still."""
+    sock = await _socket()
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    try:
+        names = [f"fgwt-d{i}" for i in range(4)]
+        for name in names:
+            await sock.exchange([nl.new_veth(name, f"{name}p")])
+        (dump,) = await sock.exchange([nl.dump_links()])
+        links = {(link := nl.parse_link(p)).name: link.index for _, p in dump.messages}
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        for name in names:
+            (reply,) = await sock.exchange([nl.delete_link(links[name], name)])
+            assert reply.error == 0
+        each = (time.perf_counter() - started) / len(names)
+        ticker.cancel()
+    finally:
+        sock.close()
+    return each, max(gaps)
