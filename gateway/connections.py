@@ -67,7 +67,7 @@ from gateway.workloads import WorkloadProbe
 from wireguard.dataplane import Dataplane, DataplaneStatus, DesiredState
 from wireguard.drivers.base import Endpoint as UdpEndpoint
 from wireguard.drivers.userspace import ProcessExit
-from wireguard.errors import PoolExhausted
+from wireguard.errors import DataplaneError, PoolExhausted
 from wireguard.ipam import Ipam
 from wireguard.keys import PrivateKey, PublicKey
 from wireguard.wires import ClientWire, EndpointWire, PeerTunnel
@@ -666,14 +666,27 @@ class ConnectionManager:
         self, record: ConnectionRecord, reason: str, *, tell_peer: bool
     ) -> ConnectionRecord:
         c = record.connection
-        await self._unwire(c.id)
+        peer = record.peer if tell_peer and record.role == "client" else None
+
+        async def tell() -> None:
+            if peer is not None:
+                with contextlib.suppress(FedgwError):  # its lease runs out if it cannot hear us
+                    await self._federation.call(
+                        peer, "DELETE", f"/federation/v1/connections/{c.id}"
+                    )
+
+        # Both sides at once: each mostly waits for its kernel to delete a veth pair.
+        for result in await asyncio.gather(self._unwire(c.id), tell(), return_exceptions=True):
+            if isinstance(result, DataplaneError):
+                # The wires are out of the data plane's model before any kernel step, and
+                # the peer may have closed its side already: the close goes on, and what
+                # the kernel kept goes with the repair on the next tick.
+                log.warning("closing connection %s: %s; repairing the data plane", c.id, result)
+                self._repair = True
+            elif isinstance(result, BaseException):
+                raise result
         if record.role in ("server", "local"):
             await self.ipam.release(c.id)
-        if tell_peer and record.role == "client" and record.peer is not None:
-            with contextlib.suppress(FedgwError):  # its lease runs out if it cannot hear us
-                await self._federation.call(
-                    record.peer, "DELETE", f"/federation/v1/connections/{c.id}"
-                )
         if tell_peer and record.role == "server" and record.peer is not None:
             # The client heals at once instead of at its next lease refresh; if it cannot
             # be told, that refresh finds out.

@@ -13,21 +13,27 @@ import pytest
 
 from federation.models import WireGuardInfo
 from fedgw.clock import ManualClock
+from fedgw.errors import NotFound
+from fedgw.models import ConnectionState, Workload
 from gateway.connections import ConnectionManager
 from gateway.events import EventBus
 from gateway.store.memory import MemoryStore
 from gateway.workloads import WorkloadProbe
-from wireguard.dataplane import Dataplane
+from tests.unit.test_connection_table import record
+from wireguard.dataplane import Dataplane, DesiredState, ReconcileReport
 from wireguard.errors import DataplaneError
 from wireguard.keys import PrivateKey
 from wireguard.wires import PeerTunnel
 
 
 class RecordingDataplane:
-    def __init__(self, *, fail_open: bool = False) -> None:
+    def __init__(self, *, fail_open: bool = False, fail_detach: bool = False) -> None:
         self.opened = 0
         self.ensured: list[PeerTunnel] = []
         self.fail_open = fail_open
+        self.fail_detach = fail_detach
+        self.detached: list[str] = []
+        self.reconciled: list[DesiredState] = []
 
     async def open(self) -> None:
         self.opened += 1
@@ -38,8 +44,18 @@ class RecordingDataplane:
         await asyncio.sleep(0.01)  # long enough for the rest of a burst to arrive
         self.ensured.append(peer)
 
-    async def peers(self) -> list[object]:
+    async def peers(self, *, allowed_ips: bool = True) -> list[object]:
         return []  # the tick's look at the tunnels' counters: none
+
+    async def detach(self, connection_id: str) -> bool:
+        self.detached.append(connection_id)
+        if self.fail_detach:
+            raise DataplaneError("delete fgwcabc: Device or resource busy")
+        return True
+
+    async def reconcile(self, desired: DesiredState) -> ReconcileReport:
+        self.reconciled.append(desired)
+        return ReconcileReport()
 
 
 class World:
@@ -130,3 +146,29 @@ async def test_a_data_plane_that_cannot_open_is_left_to_the_requests(
     with pytest.raises(DataplaneError, match="nft: command not found"):
         await world.manager._connect_tunnel("cluster2", theirs())
     assert world.dataplane.opened == 2
+
+
+async def test_a_close_the_kernel_partly_refuses_completes_and_the_next_tick_repairs() -> None:
+    """The wires leave the data plane's model before any kernel step: a close whose
+    kernel step fails is still a close (both ends, events, addresses), and what the
+    kernel kept is for the repair, which the next tick makes without the connection."""
+    dataplane = RecordingDataplane(fail_detach=True)
+    world = World(dataplane)
+    manager = world.manager
+    await manager._ensure_dataplane()
+    conn = record(
+        "conn-1", "local", client=Workload(netns="c1"), interface="nsm0",
+        server=Workload(netns="nse1"), endpoint="e1", endpoint_interface="nsm0",
+    )  # fmt: skip
+    manager._connections.put(conn)
+    closed = await manager.close("conn-1")
+    assert closed.connection.state is ConnectionState.CLOSED
+    assert dataplane.detached == ["conn-1"]
+    with pytest.raises(NotFound):
+        manager.get("conn-1")
+    assert dataplane.reconciled == []
+    await manager.tick()
+    [desired] = dataplane.reconciled
+    assert desired.wires == []
+    await manager.tick()
+    assert len(dataplane.reconciled) == 1  # once
