@@ -501,17 +501,18 @@ class Dataplane:
             plans = [p for p in model.wires.values() if p.wire.peer == domain]
             for plan in plans:
                 await self._unwire(plan)
-            dying = self._dying_now([plan.veth for plan in plans])
+            veths = [plan.veth for plan in plans]
+            gone = self._dying_now(veths)
             try:
                 if tunnel is not None:
                     await self._remove(model.ledger.release(tunnel.plan.objects))
                     await self.driver.remove_interface(self._ref(tunnel.plan.interface))
                 model.tables.release(("peer", domain))
             except BaseException:
-                await self._shielded(self._delete_veths(dying))
+                await self._shielded(self._delete_veths(veths, gone))
                 raise
         # The wires' pairs go after the lock is let go, as in detach().
-        await self._shielded(self._delete_veths(dying))
+        await self._shielded(self._delete_veths(veths, gone))
         return sorted({p.wire.connection_id for p in plans})
 
     # --- wires ------------------------------------------------------------------------------
@@ -539,26 +540,30 @@ class Dataplane:
             plans = self._model.connection_wires(connection_id)
             for plan in plans:
                 await self._unwire(plan, rewrites)
-            dying = self._dying_now([plan.veth for plan in plans])
-        await self._shielded(self._finish_detach(dying, rewrites))
+            veths = [plan.veth for plan in plans]
+            gone = self._dying_now(veths)
+        await self._shielded(self._finish_detach(veths, gone, rewrites))
         return bool(plans)
 
     async def _finish_detach(
-        self, dying: dict[str, asyncio.Event], rewrites: list[asyncio.Future[None]]
+        self, veths: list[str], gone: asyncio.Event, rewrites: list[asyncio.Future[None]]
     ) -> None:
-        results = await asyncio.gather(self._delete_veths(dying), *rewrites, return_exceptions=True)
+        results = await asyncio.gather(
+            self._delete_veths(veths, gone), *rewrites, return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    def _dying_now(self, veths: list[str]) -> dict[str, asyncio.Event]:
-        """Mark ``veths`` as being deleted (under the lock, before it is let go)."""
+    def _dying_now(self, veths: list[str]) -> asyncio.Event:
+        """Mark ``veths`` as being deleted (under the lock, before it is let go); the
+        event is set once they are gone."""
         gone = asyncio.Event()
         for veth in veths:
             self._dying[veth] = gone
-        return dict.fromkeys(veths, gone)
+        return gone
 
-    async def _delete_veths(self, dying: dict[str, asyncio.Event]) -> None:
+    async def _delete_veths(self, veths: list[str], gone: asyncio.Event) -> None:
         """Delete veth pairs marked by :meth:`_dying_now`, each on a netlink socket of
         its own (one socket handles one request at a time)."""
 
@@ -567,12 +572,12 @@ class Dataplane:
                 await rtnl.delete_link(veth)
 
         try:
-            await asyncio.gather(*(delete(veth) for veth in dying))
+            await asyncio.gather(*(delete(veth) for veth in veths))
         finally:
-            for veth, gone in dying.items():
+            for veth in veths:
                 if self._dying.get(veth) is gone:
                     del self._dying[veth]
-                gone.set()
+            gone.set()
 
     def _wire_mtu(self, wire: Wire, model: _Model) -> int:
         if wire.mtu is not None:
@@ -735,13 +740,7 @@ class Dataplane:
                 # Removals from here on need a write of their own.
                 if self._rewrites.get(domain) is done:
                     del self._rewrites[domain]
-                if (tunnel := self._model.tunnels.get(domain)) is not None:
-                    with contextlib.suppress(LinkNotFound):
-                        await self.driver.replace_allowed_ips(
-                            self._ref(tunnel.plan.interface),
-                            tunnel.peer.public_key,
-                            self._model.ledger.allowed(domain),
-                        )
+                await self._write_allowed(domain)
         except asyncio.CancelledError:
             done.cancel()
             raise
@@ -806,23 +805,30 @@ class Dataplane:
             if isinstance(o, Allowed):
                 by_domain.setdefault(o.domain, []).append(o)
         for domain, allowed in by_domain.items():
+            if not add:
+                await self._write_allowed(domain)
+                continue
             tunnel = self._model.tunnels.get(domain)
             if tunnel is None:
                 continue  # the tunnel is being set up or removed; it syncs its own list
+            # The ledger counts references: these prefixes are new to the peer.
+            nets = [a.prefix for a in allowed]
             ref = self._ref(tunnel.plan.interface)
-            key = tunnel.peer.public_key
-            if add:
-                # The ledger counts references: these prefixes are new to the peer.
-                nets = [a.prefix for a in allowed]
-                await self.driver.add_allowed_ips(ref, key, nets, known_new=True)
-            else:
-                # WireGuard removes only by replacing the list. The ledger has released
-                # these prefixes and holds the rest, so the interface is not read first:
-                # that read grows with every connection and would slow each close.
-                with contextlib.suppress(LinkNotFound):
-                    await self.driver.replace_allowed_ips(
-                        ref, key, self._model.ledger.allowed(domain)
-                    )
+            await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets, known_new=True)
+
+    async def _write_allowed(self, domain: str) -> None:
+        """Give the peer exactly the allowed IPs the ledger holds for it (WireGuard
+        removes them only by replacing the list). The interface is not read first: that
+        read grows with every connection and would slow each close."""
+        tunnel = self._model.tunnels.get(domain)
+        if tunnel is None:
+            return  # the tunnel is being set up or removed; it syncs its own list
+        with contextlib.suppress(LinkNotFound):
+            await self.driver.replace_allowed_ips(
+                self._ref(tunnel.plan.interface),
+                tunnel.peer.public_key,
+                self._model.ledger.allowed(domain),
+            )
 
     # --- status -----------------------------------------------------------------------------
 
