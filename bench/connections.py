@@ -243,9 +243,13 @@ async def main() -> None:
             print(f"  {label:44} {p50:7.1f}ms {p99:7.1f}ms {n / seconds:9.1f}")
         # The first requests wait for the data plane to open and the tunnel to be made.
         warm = lat[args.concurrency :]
+        after = (
+            f"p50 {pct(warm, 0.5) * 1000:.1f}ms, p99 {pct(warm, 0.99) * 1000:.1f}ms"
+            if warm
+            else "none"
+        )
         print(
-            f"  cross-domain without the first {args.concurrency} (cold start): "
-            f"p50 {pct(warm, 0.5) * 1000:.1f}ms, p99 {pct(warm, 0.99) * 1000:.1f}ms; "
+            f"  cross-domain without the first {args.concurrency} (cold start): {after}; "
             f"the first {args.concurrency}: max {max(lat[: args.concurrency]) * 1000:.1f}ms"
         )
         print(f"  ratio cross-domain/local p50: {pct(lat, 0.5) / pct(base_lat, 0.5):.2f}")

@@ -288,6 +288,28 @@ class LeaseRefresh(BaseModel):
     ids: list[ConnectionId] = Field(min_length=1, max_length=MAX_REFRESH)
 
 
+MAX_CLOSES = 64
+"""Connections one close call ends: those that queued while the previous call was out."""
+
+
+class ConnectionCloses(BaseModel):
+    """A client's gateway closes connections to the called domain (one call for a burst
+    of closes, as for offers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[ConnectionId] = Field(min_length=1, max_length=MAX_CLOSES)
+
+
+class ClosedConnections(BaseModel):
+    closed: list[ConnectionId] = Field(max_length=MAX_CLOSES)
+    unknown: list[ConnectionId] = Field(
+        default_factory=list,
+        max_length=MAX_CLOSES,
+        description="ids the serving gateway has no connection of yours for",
+    )
+
+
 class LeaseGrants(BaseModel):
     leases: list[LeaseGrant]
     unknown: list[ConnectionId] = Field(

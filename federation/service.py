@@ -12,10 +12,13 @@ from typing import Any
 
 import httpx
 
+from federation.batches import Batcher, offer_outcomes, send_closes
 from federation.client import FederationClient
 from federation.errors import AlreadyFederated, PeerUnreachable
 from federation.join import build_request, fetch_pinned_bundle, send_join, verify_request
 from federation.models import (
+    MAX_CLOSES,
+    MAX_OFFERS,
     ConnectionGrant,
     ConnectionOffer,
     ConnectionOffers,
@@ -28,7 +31,6 @@ from federation.models import (
     TokenCreated,
     parse_answer,
 )
-from federation.offers import OfferBatcher
 from federation.peers import PeerTable
 from federation.resolve import DomainResolver
 from federation.tokens import FederationToken, TokenInfo, TokenIssuer
@@ -71,7 +73,8 @@ class Federation:
         self.clock = clock
         self.tokens = TokenIssuer(store, clock)
         self.peers = PeerTable(store, identity, clock)
-        self.offers = OfferBatcher(self._send_offers)
+        self.offers = Batcher(self._send_offers, MAX_OFFERS)
+        self.closes = Batcher(self._send_closes, MAX_CLOSES)
         self.peer_removed: list[Callable[[str], Awaitable[None]]] = []
         """Called with the domain after a peer is forgotten (its connections close)."""
         self.resolver = DomainResolver(
@@ -257,13 +260,23 @@ class Federation:
 
     async def offer(self, domain: str, offer: ConnectionOffer) -> ConnectionGrant:
         """Ask ``domain`` for a connection (batched with other offers to it, see
-        :mod:`federation.offers`); its grant, or the error it refused the offer with."""
-        return await self.offers.offer(domain, offer)
+        :mod:`federation.batches`); its grant, or the error it refused the offer with."""
+        return await self.offers.submit(domain, offer)
 
-    async def _send_offers(self, domain: str, offers: list[ConnectionOffer]) -> OfferResults:
+    async def _send_offers(
+        self, domain: str, offers: list[ConnectionOffer]
+    ) -> list[ConnectionGrant | Exception]:
         body = ConnectionOffers(offers=offers).model_dump(mode="json")
         answer = await self.call(domain, "POST", "/federation/v1/connections", json=body)
-        return parse_answer(OfferResults, answer, domain)
+        return offer_outcomes(domain, offers, parse_answer(OfferResults, answer, domain))
+
+    async def close_connection(self, domain: str, connection_id: str) -> None:
+        """Tell ``domain`` that its side of a client's connection closes (batched with
+        other closes to it); NotFound if it has no such connection."""
+        await self.closes.submit(domain, connection_id)
+
+    async def _send_closes(self, domain: str, ids: list[str]) -> list[Exception | None]:
+        return await send_closes(self.call, domain, ids)
 
     async def call(self, domain: str, method: str, path: str, **kwargs: Any) -> Any:
         """A call to ``domain``'s federation API (resolved through the peer table or DNS)."""

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from federation.errors import BadPeerAnswer, NotExported, PeerUnreachable
 from federation.models import (
     MAX_REFRESH,
+    ClosedConnections,
     ConnectionGrant,
     ConnectionOffer,
     LeaseGrant,
@@ -154,6 +155,7 @@ class ConnectionManager:
         self._dataplane_lock = asyncio.Lock()
         self._reconciling: asyncio.Task[None] | None = None
         self._prepare_failed = False
+        self._tunnels_failed: set[str] = set()  # peers whose early tunnel could not start
         self._key = private_key
         self._advertise = advertise
         self._port_base = wireguard_port
@@ -333,14 +335,14 @@ class ConnectionManager:
 
     def _peer_tunnel(self, domain: str) -> PeerTunnel | None:
         tunnel = self._tunnels.get(domain)
-        if tunnel is None or tunnel.remote_key is None or self._key is None:
+        if tunnel is None or self._key is None:
             return None
         # Keepalives whenever the other side may not be able to reach us first.
         keepalive = self._keepalive if (self._behind_nat or self._advertise is None) else 0
         return PeerTunnel(
             domain=domain,
             private_key=self._key,
-            public_key=PublicKey.from_base64(tunnel.remote_key),
+            public_key=PublicKey.from_base64(tunnel.remote_key) if tunnel.remote_key else None,
             endpoint=UdpEndpoint.parse(tunnel.remote_endpoint) if tunnel.remote_endpoint else None,
             listen_port=tunnel.listen_port,
             persistent_keepalive=keepalive,
@@ -386,6 +388,7 @@ class ConnectionManager:
         # Under the tunnel's lock: a connection making sure of the tunnel finishes first.
         async with _lock_in(self._tunnel_locks, domain):
             self._ensured.pop(domain, None)
+            self._tunnels_failed.discard(domain)
             if self._tunnels.pop(domain, None) is not None:
                 await self._tunnel_records.delete(domain)
                 if self._dataplane is not None:
@@ -671,9 +674,7 @@ class ConnectionManager:
         async def tell() -> None:
             if peer is not None:
                 with contextlib.suppress(FedgwError):  # its lease runs out if it cannot hear us
-                    await self._federation.call(
-                        peer, "DELETE", f"/federation/v1/connections/{c.id}"
-                    )
+                    await self._federation.close_connection(peer, c.id)
 
         # Both sides at once: each mostly waits for its kernel to delete a veth pair.
         for result in await asyncio.gather(self._unwire(c.id), tell(), return_exceptions=True):
@@ -902,6 +903,22 @@ class ConnectionManager:
             record = self._served(caller, connection_id, record)
             await self._close(record, f"closed by {caller}", tell_peer=False)
 
+    async def serve_closes(self, caller: str, ids: list[str]) -> ClosedConnections:
+        """Close the caller's connections ``ids``, side by side (each mostly waits for
+        the kernel to delete a veth pair)."""
+        answer = ClosedConnections(closed=[], unknown=[])
+
+        async def one(cid: str) -> None:
+            try:
+                await self.serve_close(caller, cid)
+            except NotFound:
+                answer.unknown.append(cid)
+            else:
+                answer.closed.append(cid)
+
+        await asyncio.gather(*(one(cid) for cid in dict.fromkeys(ids)))
+        return answer
+
     def _notify_closed(self, peer: str, connection_id: str, reason: str) -> None:
         async def notify() -> None:
             try:
@@ -955,6 +972,8 @@ class ConnectionManager:
         if self._reconciling is not None and not self._reconciling.done():
             return  # the start-up reconciliation comes first
         await self._prepare_dataplane()
+        if self._dataplane is not None:
+            await self._prepare_tunnels(self._dataplane)
         if self._repair and self._dataplane is not None:
             self._repair = False
             desired = self._desired()
@@ -1025,6 +1044,31 @@ class ConnectionManager:
         except Exception as exc:
             self._prepare_failed = True
             log.warning("cannot open the data plane yet (each request tries again): %s", exc)
+
+    async def _prepare_tunnels(self, dataplane: Dataplane) -> None:
+        """Start the tunnel to each peer before its first connection, with no peer on it:
+        the other side's key comes with that connection. Starting a WireGuard interface
+        (a wireguard-go process) takes 10-60 ms, which the first connections would wait
+        for twice, the serving side's and then the client's."""
+        for record in self._federation.peers.all():
+            domain = record.domain
+            if domain in self._ensured or domain in self._tunnels_failed:
+                continue
+            async with _lock_in(self._tunnel_locks, domain):
+                # A connection may have made it meanwhile, or the peer left.
+                if domain in self._ensured or self._federation.peers.get(domain) is None:
+                    continue
+                await self._tunnel(domain)
+                peer = self._peer_tunnel(domain)
+                assert peer is not None
+                try:
+                    await dataplane.ensure_peer(peer)
+                except FedgwError as exc:
+                    # Not retried here: the first connection tries again, and says why.
+                    self._tunnels_failed.add(domain)
+                    log.warning("cannot start the tunnel to %s yet: %s", domain, exc)
+                    continue
+                self._ensured[domain] = peer
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but

@@ -205,6 +205,7 @@ class Gateway:
             self._connections = None
         if self._federation is not None:
             await self._federation.offers.close()
+            await self._federation.closes.close()
             await self._federation.client.close()
             self._federation = None
         if self._identity is not None:
@@ -241,11 +242,13 @@ class Gateway:
                     TunnelInfo(
                         domain=p.domain,
                         interface=p.interface,
+                        public_key=p.public_key,
                         endpoint=p.endpoint,
                         last_handshake=p.last_handshake,
                         rx_bytes=p.rx_bytes,
                         tx_bytes=p.tx_bytes,
                         allowed_ips=p.allowed_ips,
+                        error=p.error,
                     )
                     for p in dataplane.peers
                 ],

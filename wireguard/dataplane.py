@@ -34,6 +34,7 @@ from wireguard.errors import (
     UnknownPeer,
     WireConflict,
 )
+from wireguard.keys import PublicKey
 from wireguard.netns import Address, Link, Neighbour, Route, Rtnl, Rule, in_netns
 from wireguard.nftables import Mark, Nft
 from wireguard.routing import (
@@ -174,7 +175,8 @@ class PeerStatus(BaseModel):
 
     domain: str
     interface: str
-    public_key: str
+    public_key: str | None
+    """``None``: the peer's key is not known yet; the interface has no peer."""
     endpoint: str | None
     listen_port: int | None
     mtu: int
@@ -407,9 +409,9 @@ class Dataplane:
             mtu=tunnel.mtu,
         )
 
-    def _peer_spec(self, peer: PeerTunnel, ledger: Ledger) -> PeerSpec:
+    def _peer_spec(self, peer: PeerTunnel, key: PublicKey, ledger: Ledger) -> PeerSpec:
         return PeerSpec(
-            public_key=peer.public_key,
+            public_key=key,
             endpoint=peer.endpoint,
             allowed_ips=ledger.allowed(peer.domain),
             persistent_keepalive=peer.persistent_keepalive,
@@ -432,16 +434,19 @@ class Dataplane:
 
     async def _sync_allowed(self, tunnel: _Tunnel, ledger: Ledger) -> list[str]:
         """Bring the tunnel's one peer to ``tunnel`` with exactly the allowed IPs of the
-        ledger (only what differs is written: the session stays); remove other peers."""
+        ledger (only what differs is written: the session stays); remove other peers (all
+        of them while the peer's key is unknown)."""
         ref = self._ref(tunnel.plan.interface)
         state = await self.driver.state(ref)
-        desired = self._peer_spec(tunnel.peer, ledger)
+        key = tunnel.peer.public_key
         changes = []
-        if plan_peer(state.peer(desired.public_key), desired) is not None:
-            await self.driver.set_peer(ref, desired)
-            changes.append(f"peer {tunnel.peer.domain} on {ref.name}")
+        if key is not None:
+            desired = self._peer_spec(tunnel.peer, key, ledger)
+            if plan_peer(state.peer(key), desired) is not None:
+                await self.driver.set_peer(ref, desired)
+                changes.append(f"peer {tunnel.peer.domain} on {ref.name}")
         for other in state.peers:
-            if other.public_key != desired.public_key:
+            if other.public_key != key:
                 await self.driver.remove_peer(ref, other.public_key)
                 changes.append(f"stale peer {other.public_key} removed from {ref.name}")
         return changes
@@ -459,7 +464,9 @@ class Dataplane:
     async def ensure_peer(self, peer: PeerTunnel) -> PeerStatus:
         """Create or update the tunnel to ``peer.domain``: its WireGuard interface, its one
         peer (with the allowed IPs of the wires through it), its table and rules. A
-        changed remote key replaces the peer; a changed local key resets the session."""
+        changed remote key replaces the peer; a changed local key resets the session.
+        Without a remote key, the interface is made with no peer: ready for the first
+        connection, which brings the key, but no wire can go through it until then."""
         async with self._lock:
             self._tunnel_indexes.clear()
             model = self._model
@@ -592,8 +599,12 @@ class Dataplane:
     def _plan(self, wire: Wire, model: _Model) -> tuple[WirePlan, list[TableKey]]:
         """Plan ``wire`` against ``model`` (assigning its tables); the tables newly
         assigned, to release if the wire does not come about."""
-        if wire.peer is not None and wire.peer not in model.tunnels:
-            raise UnknownPeer(f"no tunnel to peer {wire.peer} (ensure_peer first)")
+        if wire.peer is not None:
+            tunnel = model.tunnels.get(wire.peer)
+            if tunnel is None:
+                raise UnknownPeer(f"no tunnel to peer {wire.peer} (ensure_peer first)")
+            if tunnel.peer.public_key is None:
+                raise UnknownPeer(f"the tunnel to {wire.peer} has no peer yet (its key)")
         netns = workload_netns(wire.workload)
         key = wire_table(wire)
         assigned: list[TableKey] = [key] if model.tables.get(key) is None else []
@@ -808,27 +819,29 @@ class Dataplane:
             if not add:
                 await self._write_allowed(domain)
                 continue
-            tunnel = self._model.tunnels.get(domain)
-            if tunnel is None:
+            peer = self._peer_on(domain)
+            if peer is None:
                 continue  # the tunnel is being set up or removed; it syncs its own list
             # The ledger counts references: these prefixes are new to the peer.
             nets = [a.prefix for a in allowed]
-            ref = self._ref(tunnel.plan.interface)
-            await self.driver.add_allowed_ips(ref, tunnel.peer.public_key, nets, known_new=True)
+            await self.driver.add_allowed_ips(*peer, nets, known_new=True)
+
+    def _peer_on(self, domain: str) -> tuple[InterfaceRef, PublicKey] | None:
+        """The interface and the key of the peer ``domain``, if both are known."""
+        tunnel = self._model.tunnels.get(domain)
+        if tunnel is None or tunnel.peer.public_key is None:
+            return None
+        return self._ref(tunnel.plan.interface), tunnel.peer.public_key
 
     async def _write_allowed(self, domain: str) -> None:
         """Give the peer exactly the allowed IPs the ledger holds for it (WireGuard
         removes them only by replacing the list). The interface is not read first: that
         read grows with every connection and would slow each close."""
-        tunnel = self._model.tunnels.get(domain)
-        if tunnel is None:
+        peer = self._peer_on(domain)
+        if peer is None:
             return  # the tunnel is being set up or removed; it syncs its own list
         with contextlib.suppress(LinkNotFound):
-            await self.driver.replace_allowed_ips(
-                self._ref(tunnel.plan.interface),
-                tunnel.peer.public_key,
-                self._model.ledger.allowed(domain),
-            )
+            await self.driver.replace_allowed_ips(*peer, self._model.ledger.allowed(domain))
 
     # --- status -----------------------------------------------------------------------------
 
@@ -838,7 +851,7 @@ class Dataplane:
         status = PeerStatus(
             domain=peer.domain,
             interface=ref.name,
-            public_key=str(peer.public_key),
+            public_key=str(peer.public_key) if peer.public_key else None,
             endpoint=str(peer.endpoint) if peer.endpoint else None,
             listen_port=peer.listen_port,
             mtu=tunnel.mtu,
@@ -852,6 +865,8 @@ class Dataplane:
             state = await self.driver.state(ref, allowed_ips=allowed_ips)
         except DataplaneError as exc:
             return self._peer_error(status, str(exc), allowed_ips=allowed_ips)
+        if peer.public_key is None:
+            return status.model_copy(update={"listen_port": state.listen_port})
         found = state.peer(peer.public_key)
         if found is None:
             error = "the peer is missing on the interface"

@@ -56,8 +56,10 @@ class PeerTunnel:
     domain: str
     private_key: PrivateKey
     """This gateway's key."""
-    public_key: PublicKey
-    """The peer gateway's key."""
+    public_key: PublicKey | None
+    """The peer gateway's key; ``None`` until it is known (it comes with the first
+    connection): the interface is then made and listens, with no peer on it, so that the
+    first connection does not wait for it to start."""
     endpoint: Endpoint | None = None
     """The peer gateway's public UDP endpoint; ``None`` when it is behind NAT: WireGuard
     then learns it from the peer's packets (the peer keeps its mapping open)."""

@@ -19,11 +19,15 @@ class Health(BaseModel):
 class TunnelInfo(BaseModel):
     domain: str
     interface: str
+    public_key: str | None = None
+    """The peer gateway's key; ``None`` until the first connection brings it."""
     endpoint: str | None
     last_handshake: datetime | None
     rx_bytes: int
     tx_bytes: int
     allowed_ips: list[str]
+    error: str | None = None
+    """Why the tunnel is not as it should be (its interface is gone, say)."""
 
 
 class DataplaneInfo(BaseModel):

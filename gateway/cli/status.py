@@ -59,7 +59,8 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
                 (
                     t.domain,
                     t.interface,
-                    t.endpoint or "(learnt)",
+                    # No key yet: started ahead of the first connection, no peer on it.
+                    t.endpoint or ("(learnt)" if t.public_key else "(no connection yet)"),
                     relative(t.last_handshake) if t.last_handshake else "never",
                     f"{t.rx_bytes:,}",
                     f"{t.tx_bytes:,}",

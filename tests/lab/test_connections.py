@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import pytest
@@ -129,9 +128,18 @@ async def test_request_ping_and_http_across_domains(lab: Lab) -> None:
     assert await dataplane(lab, "cluster1") is None  # nothing to connect: untouched
     await join(lab, "cluster1", "cluster2")
     await endpoint(lab, "cluster2", "vpn-gw-1", "vpn-gateway", "172.16.1.0/24", export="cluster1")
-    # Both gateways open their data plane ahead of the first connection.
-    for cluster in ("cluster1", "cluster2"):
-        await eventually(partial(dataplane, lab, cluster), 5, f"{cluster}'s data plane")
+    # Both gateways open their data plane, and start the tunnel to the other, ahead of
+    # the first connection; the tunnel has no peer until that connection brings the key.
+    for cluster, other in (("cluster1", "cluster2"), ("cluster2", "cluster1")):
+
+        async def tunnels(cluster: str = cluster) -> Any:
+            state = await dataplane(lab, cluster)
+            return state["tunnels"] if state is not None and state["tunnels"] else None
+
+        (early,) = await eventually(tunnels, 5, f"{cluster}'s tunnel to {other}")
+        assert (early["domain"], early["public_key"], early["error"]) == (other, None, None)
+        _, shown, _ = await lab.run(cluster, "fedgw", "status")
+        assert "(no connection yet)" in shown
     conn = await request(lab, "cluster1", "vpn-gateway@cluster2")
     assert conn["state"] == "up"
     assert conn["client"]["interface"] == "nsm0"

@@ -27,11 +27,14 @@ from wireguard.wires import PeerTunnel
 
 
 class RecordingDataplane:
-    def __init__(self, *, fail_open: bool = False, fail_detach: bool = False) -> None:
+    def __init__(
+        self, *, fail_open: bool = False, fail_detach: bool = False, fail_ensure: bool = False
+    ) -> None:
         self.opened = 0
         self.ensured: list[PeerTunnel] = []
         self.fail_open = fail_open
         self.fail_detach = fail_detach
+        self.fail_ensure = fail_ensure
         self.detached: list[str] = []
         self.reconciled: list[DesiredState] = []
 
@@ -43,6 +46,8 @@ class RecordingDataplane:
     async def ensure_peer(self, peer: PeerTunnel) -> None:
         await asyncio.sleep(0.01)  # long enough for the rest of a burst to arrive
         self.ensured.append(peer)
+        if self.fail_ensure:
+            raise DataplaneError("wireguard-go: executable file not found")
 
     async def peers(self, *, allowed_ips: bool = True) -> list[object]:
         return []  # the tick's look at the tunnels' counters: none
@@ -71,7 +76,12 @@ class World:
             self.made += 1
             return cast(Dataplane, dataplane)
 
-        federation = SimpleNamespace(peers=SimpleNamespace(all=lambda: self.peers))
+        def peer(domain: str) -> SimpleNamespace | None:
+            return SimpleNamespace(domain=domain) if domain in self.peers else None
+
+        federation = SimpleNamespace(
+            peers=SimpleNamespace(all=lambda: [peer(d) for d in self.peers], get=peer)
+        )
         registry = SimpleNamespace(count_endpoints=lambda: self.endpoints)
         self.manager = ConnectionManager(
             domain="cluster1",
@@ -172,3 +182,61 @@ async def test_a_close_the_kernel_partly_refuses_completes_and_the_next_tick_rep
     assert desired.wires == []
     await manager.tick()
     assert len(dataplane.reconciled) == 1  # once
+
+
+async def test_the_tunnel_to_a_peer_starts_before_its_first_connection() -> None:
+    world = World(RecordingDataplane())
+    world.peers = ["cluster2"]
+    await world.manager.tick()
+    [early] = world.dataplane.ensured
+    # No key yet (it comes with the first connection), but the port is set aside.
+    assert early.domain == "cluster2" and early.public_key is None
+    assert early.listen_port == 51820
+    assert world.manager._desired().peers == [early]  # reconciliation keeps it
+    await world.manager.tick()
+    assert len(world.dataplane.ensured) == 1  # once
+
+    peer = theirs()
+    await asyncio.gather(*(world.manager._connect_tunnel("cluster2", peer) for _ in range(4)))
+    assert len(world.dataplane.ensured) == 2  # the first connection brings the key
+    assert str(world.dataplane.ensured[-1].public_key) == peer.public_key
+    assert world.dataplane.ensured[-1].listen_port == 51820
+    await world.manager.tick()
+    assert len(world.dataplane.ensured) == 2  # a tick does not take the key back
+
+    world.peers.append("cluster3")
+    await world.manager.tick()
+    assert [p.domain for p in world.dataplane.ensured] == ["cluster2"] * 2 + ["cluster3"]
+    assert world.dataplane.ensured[-1].listen_port == 51821
+
+
+async def test_a_tunnel_that_cannot_start_early_is_left_to_the_first_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = World(RecordingDataplane(fail_ensure=True))
+    world.peers = ["cluster2"]
+    await world.manager.tick()
+    await world.manager.tick()
+    assert len(world.dataplane.ensured) == 1  # tried once, not every tick
+    assert "cannot start the tunnel to cluster2 yet" in caplog.text
+    with pytest.raises(DataplaneError, match="executable file not found"):
+        await world.manager._connect_tunnel("cluster2", theirs())
+    assert len(world.dataplane.ensured) == 2
+
+
+async def test_a_batch_of_closes_closes_the_callers_connections_and_names_the_rest() -> None:
+    world = World(RecordingDataplane())
+    manager = world.manager
+    await manager._ensure_dataplane()
+    for cid in ("s1", "s2", "s3"):  # served to domain "b"
+        manager._connections.put(
+            record(cid, "server", server=Workload(netns="nse1"), endpoint="e1",
+                   endpoint_interface=f"nsm{cid[1]}")
+        )  # fmt: skip
+    answer = await manager.serve_closes("b", ["s1", "s2", "s1", "gone"])
+    assert (sorted(answer.closed), answer.unknown) == (["s1", "s2"], ["gone"])
+    assert sorted(world.dataplane.detached) == ["s1", "s2"]
+    # Another domain cannot close b's connection.
+    answer = await manager.serve_closes("c", ["s3"])
+    assert (answer.closed, answer.unknown) == ([], ["s3"])
+    assert [r.connection.id for r in manager.all()] == ["s3"]

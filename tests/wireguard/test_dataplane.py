@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -1071,6 +1071,33 @@ async def test_a_peer_behind_nat_is_found_by_its_keepalives(dlab: DataplaneLab) 
     assert peer_a.persistent_keepalive == 1
     [row] = [r for r in await wg_dump(a.netns, peer_a.interface) if len(r) == 8]
     assert row[7] == "1"
+
+
+async def test_a_tunnel_started_before_the_peers_key_is_known(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab, peered=False)
+    early = replace(p.a.tunnel_to(p.b), public_key=None, endpoint=None)
+    status = await p.a.dataplane.ensure_peer(early)
+    assert (status.public_key, status.error) == (None, None)
+    assert status.listen_port == port("b")
+    # The interface listens, with no peer: only its own line in the dump.
+    [own] = await wg_dump(p.a.netns, status.interface)
+    assert own[2] == str(port("b"))
+    cw, ew = p.wires()
+    with pytest.raises(UnknownPeer, match="no peer yet"):
+        await p.a.dataplane.attach_client(cw)
+    assert (await p.a.dataplane.state()).wires == []
+    # A start of the gateway keeps it as it is.
+    report = await p.a.dataplane.reconcile(DesiredState(peers=[early]))
+    assert (report.changes, report.failures) == ([], [])
+    # The first connection brings the key: same interface, now with the peer.
+    await p.b.dataplane.ensure_peer(p.b.tunnel_to(p.a))
+    status = await p.a.dataplane.ensure_peer(p.a.tunnel_to(p.b))
+    assert status.public_key == str(p.b.key.public_key()) and status.error is None
+    assert [r[0] for r in await wg_dump(p.a.netns, status.interface) if len(r) == 8] == [
+        str(p.b.key.public_key())
+    ]
+    await p.attach(cw, ew)
+    assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
 
 
 async def test_a_rotated_key_keeps_the_wires(dlab: DataplaneLab) -> None:

@@ -8,6 +8,8 @@ from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, Field
 
 from federation.models import (
+    ClosedConnections,
+    ConnectionCloses,
     ConnectionOffers,
     FederatedEndpoint,
     FederatedService,
@@ -100,6 +102,13 @@ async def refresh_connections(
     refresh: LeaseRefresh, gateway: GatewayDep, peer: PeerGateway
 ) -> LeaseGrants:
     return await gateway.connections.serve_refresh(peer.trust_domain, refresh.ids)
+
+
+@router.post("/connections/close", summary="The client closes connections")
+async def close_connections(
+    closes: ConnectionCloses, gateway: GatewayDep, peer: PeerGateway
+) -> ClosedConnections:
+    return await gateway.connections.serve_closes(peer.trust_domain, closes.ids)
 
 
 @router.delete(

@@ -1,12 +1,15 @@
-"""Offers to a peer go out at once when nothing is in flight, and together while a call
-is out; each waiter gets its own grant or error."""
+"""Calls that carry many items (offers here): an item goes out at once when nothing is
+in flight, and together with others while a call is out; each waiter gets its own
+outcome. And closes: batched, or one by one to a peer that does not batch them."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
+from federation.batches import Batcher, offer_outcomes, send_closes
 from federation.errors import BadPeerAnswer, PeerUnreachable
 from federation.models import (
     ConnectionGrant,
@@ -16,8 +19,7 @@ from federation.models import (
     OfferResults,
     WireGuardInfo,
 )
-from federation.offers import OfferBatcher
-from fedgw.errors import Conflict, PermissionDenied
+from fedgw.errors import Conflict, FedgwError, NotFound, PermissionDenied
 from wireguard.keys import PrivateKey
 
 KEY = WireGuardInfo(public_key=str(PrivateKey.generate().public_key()))
@@ -49,7 +51,9 @@ class FakePeer:
         self.fail: Exception | None = None
         self.drop: set[str] = set()
 
-    async def send(self, domain: str, offers: list[ConnectionOffer]) -> OfferResults:
+    async def send(
+        self, domain: str, offers: list[ConnectionOffer]
+    ) -> list[ConnectionGrant | Exception]:
         assert domain == "cluster2"
         self.calls.append([o.id for o in offers])
         await self.release.wait()
@@ -67,17 +71,17 @@ class FakePeer:
                 results.append(OfferResult(id=o.id, error=error))
             else:
                 results.append(OfferResult(id=o.id, grant=grant(o.id)))
-        return OfferResults(results=results)
+        return offer_outcomes(domain, offers, OfferResults(results=results))
 
 
 async def test_an_offer_alone_leaves_at_once_and_a_burst_goes_together() -> None:
     peer = FakePeer()
-    batcher = OfferBatcher(peer.send)
-    assert (await batcher.offer("cluster2", offer("a1"))).id == "a1"
+    batcher = Batcher(peer.send, 64)
+    assert (await batcher.submit("cluster2", offer("a1"))).id == "a1"
     peer.release.clear()
-    first = asyncio.create_task(batcher.offer("cluster2", offer("b1")))
+    first = asyncio.create_task(batcher.submit("cluster2", offer("b1")))
     await asyncio.sleep(0)  # b1's call is out
-    rest = [asyncio.create_task(batcher.offer("cluster2", offer(f"c{i}"))) for i in range(5)]
+    rest = [asyncio.create_task(batcher.submit("cluster2", offer(f"c{i}"))) for i in range(5)]
     await asyncio.sleep(0)
     peer.release.set()
     grants = await asyncio.gather(first, *rest)
@@ -88,12 +92,12 @@ async def test_an_offer_alone_leaves_at_once_and_a_burst_goes_together() -> None
 async def test_each_waiter_gets_its_own_answer() -> None:
     peer = FakePeer()
     peer.drop = {"lost"}
-    batcher = OfferBatcher(peer.send)
+    batcher = Batcher(peer.send, 64)
     peer.release.clear()
-    blocker = asyncio.create_task(batcher.offer("cluster2", offer("b0")))
+    blocker = asyncio.create_task(batcher.submit("cluster2", offer("b0")))
     await asyncio.sleep(0)
     tasks = {
-        cid: asyncio.create_task(batcher.offer("cluster2", offer(cid)))
+        cid: asyncio.create_task(batcher.submit("cluster2", offer(cid)))
         for cid in ("ok1", "xno", "full1", "lost")
     }
     await asyncio.sleep(0)
@@ -112,10 +116,10 @@ async def test_each_waiter_gets_its_own_answer() -> None:
 
 async def test_a_failed_call_fails_every_offer_it_carried_and_later_ones_go_on() -> None:
     peer = FakePeer()
-    batcher = OfferBatcher(peer.send, max_batch=2)
+    batcher = Batcher(peer.send, 2)
     peer.fail = PeerUnreachable("cluster2 at https://198.18.0.12:8443: refused")
     peer.release.clear()
-    tasks = [asyncio.create_task(batcher.offer("cluster2", offer(f"o{i}"))) for i in range(3)]
+    tasks = [asyncio.create_task(batcher.submit("cluster2", offer(f"o{i}"))) for i in range(3)]
     await asyncio.sleep(0)
     peer.release.set()
     for task in tasks:
@@ -123,17 +127,17 @@ async def test_a_failed_call_fails_every_offer_it_carried_and_later_ones_go_on()
             await task
     assert peer.calls == [["o0", "o1"], ["o2"]]
     peer.fail = None
-    assert (await batcher.offer("cluster2", offer("o3"))).id == "o3"
+    assert (await batcher.submit("cluster2", offer("o3"))).id == "o3"
 
 
 async def test_a_waiter_that_gives_up_does_not_disturb_the_others() -> None:
     peer = FakePeer()
-    batcher = OfferBatcher(peer.send)
+    batcher = Batcher(peer.send, 64)
     peer.release.clear()
-    blocker = asyncio.create_task(batcher.offer("cluster2", offer("b0")))
+    blocker = asyncio.create_task(batcher.submit("cluster2", offer("b0")))
     await asyncio.sleep(0)
-    quitter = asyncio.create_task(batcher.offer("cluster2", offer("q1")))
-    stayer = asyncio.create_task(batcher.offer("cluster2", offer("s1")))
+    quitter = asyncio.create_task(batcher.submit("cluster2", offer("q1")))
+    stayer = asyncio.create_task(batcher.submit("cluster2", offer("s1")))
     await asyncio.sleep(0)
     quitter.cancel()
     peer.release.set()
@@ -144,11 +148,68 @@ async def test_a_waiter_that_gives_up_does_not_disturb_the_others() -> None:
 
 async def test_close_cancels_what_waits() -> None:
     peer = FakePeer()
-    batcher = OfferBatcher(peer.send)
+    batcher = Batcher(peer.send, 64)
     peer.release.clear()
-    tasks = [asyncio.create_task(batcher.offer("cluster2", offer(f"o{i}"))) for i in range(3)]
+    tasks = [asyncio.create_task(batcher.submit("cluster2", offer(f"o{i}"))) for i in range(3)]
     await asyncio.sleep(0)
     await batcher.close()
     for task in tasks:
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class ClosingPeer:
+    """A peer's federation API for closes: batched, or (``old``) one DELETE each."""
+
+    def __init__(self, *, old: bool = False, known: frozenset[str] = frozenset()) -> None:
+        self.old = old
+        self.known = known
+        self.calls: list[tuple[str, str]] = []
+
+    async def call(self, domain: str, method: str, path: str, **kwargs: Any) -> Any:
+        assert domain == "cluster2"
+        self.calls.append((method, path))
+        if method == "POST" and path == "/federation/v1/connections/close":
+            if self.old:
+                error = FedgwError("cluster2: Method Not Allowed")
+                error.code = "method_not_allowed"
+                raise error
+            ids = kwargs["json"]["ids"]
+            return {
+                "closed": [i for i in ids if i in self.known],
+                "unknown": [i for i in ids if i not in self.known],
+            }
+        assert method == "DELETE" and self.old
+        cid = path.rsplit("/", 1)[1]
+        if cid not in self.known:
+            raise NotFound(f"cluster2: no connection {cid!r}")
+        return None
+
+
+async def test_closes_go_in_one_call_and_unknown_ones_are_named() -> None:
+    peer = ClosingPeer(known=frozenset({"a", "b"}))
+    outcomes = await send_closes(peer.call, "cluster2", ["a", "zz", "b"])
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], NotFound) and "zz" in str(outcomes[1])
+    assert peer.calls == [("POST", "/federation/v1/connections/close")]
+
+
+async def test_a_peer_without_batched_closes_gets_one_call_per_connection() -> None:
+    peer = ClosingPeer(old=True, known=frozenset({"a"}))
+    outcomes = await send_closes(peer.call, "cluster2", ["a", "zz"])
+    assert outcomes[0] is None and isinstance(outcomes[1], NotFound)
+    assert peer.calls[1:] == [
+        ("DELETE", "/federation/v1/connections/a"),
+        ("DELETE", "/federation/v1/connections/zz"),
+    ]
+
+
+async def test_a_close_call_that_fails_fails_its_closes() -> None:
+    async def unreachable(domain: str, method: str, path: str, **kwargs: Any) -> Any:
+        raise PeerUnreachable("cluster2 at https://198.18.0.12:8443: refused")
+
+    batcher: Batcher[str, None] = Batcher(
+        lambda domain, ids: send_closes(unreachable, domain, ids), 64
+    )
+    with pytest.raises(PeerUnreachable):
+        await batcher.submit("cluster2", "a")
