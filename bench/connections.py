@@ -17,7 +17,8 @@ In one run (root; a lab named ``bconn`` is built and always taken down):
   then until traffic flows again, with a ping running through it all;
 * then every connection closed (``DELETE /v1/connections/ID``, same concurrency): the
   cross-domain ones on cluster1, and the local baseline ones on cluster2 as the
-  baseline of closing; close latency p50/p99 and closes per second, and what is left.
+  baseline of closing; close latency p50/p99, closes per second, the CPU time each
+  gateway spends per cross-domain close, and what is left.
 
     .venv/bin/python -m bench.connections [--connections 1000] [--concurrency 16]
         [--unloaded 100]
@@ -206,9 +207,15 @@ async def main() -> None:
         up_after = sum(1 for c in json.loads(connections_after[1]) if c["state"] == "up")
 
         # Closing: every cross-domain connection, then the local ones as the baseline.
+        pids = {c.name: c.gateway_pid for c in (await lab.status()).clusters}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         close_lat, close_wall = await close_many(
             lab, "cluster1", await connection_ids(lab, "cluster1"), args.concurrency
         )
+        close_cpu_ms = {
+            name: (cpu_seconds(pid) - cpu_before[name]) * 1000 / max(len(close_lat), 1)
+            for name, pid in pids.items()
+        }
         local_ids = [str(c["id"]) for c in base_made]
         base_close_lat, base_close_wall = await close_many(
             lab, "cluster2", local_ids, args.concurrency
@@ -263,6 +270,10 @@ async def main() -> None:
         print(
             "  gateway CPU per cross-domain connection: "
             + ", ".join(f"{k} {v:.1f} ms" for k, v in cpu_ms.items())
+        )
+        print(
+            "  gateway CPU per cross-domain close: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in close_cpu_ms.items())
         )
         print(f"  sample checked for traffic: {passing}/{len(sample)} answer a ping")
         flowing = (

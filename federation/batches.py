@@ -1,8 +1,8 @@
 """Calls to a peer that carry many items (connection offers, closes), sent in bursts:
-while a call to the peer is out, the items that arrive queue up and go together in the
-next call. An item that finds no call out leaves at once, so batching never adds a wait
-of its own; under load, the cost of a call (TLS, HTTP and routing on both gateways) is
-shared by all it carries."""
+while as many calls to the peer are out as may be, the items that arrive queue up and go
+together in the next call. An item that finds a call free leaves at once, so batching
+never adds a wait of its own; under load, the cost of a call (TLS, HTTP and routing on
+both gateways) is shared by all it carries."""
 
 from __future__ import annotations
 
@@ -28,23 +28,34 @@ R = TypeVar("R")
 
 class Batcher(Generic[T, R]):
     """``send(domain, items)`` makes one call and gives each item's outcome, in the
-    items' order: its result, or the exception it failed with alone."""
+    items' order: its result, or the exception it failed with alone. At most ``calls``
+    calls to a domain are out at once: one where the peer's work is CPU (offers: more
+    calls would only share it), more where it mostly waits (closes wait for the kernel),
+    so that a call does not hold the next batch back for that wait."""
 
     def __init__(
-        self, send: Callable[[str, list[T]], Awaitable[Sequence[R | Exception]]], max_batch: int
+        self,
+        send: Callable[[str, list[T]], Awaitable[Sequence[R | Exception]]],
+        max_batch: int,
+        *,
+        calls: int = 1,
     ) -> None:
         self._send = send
         self._max = max_batch
+        self._calls = calls
         self._queues: dict[str, list[tuple[T, asyncio.Future[R]]]] = {}
-        self._senders: dict[str, asyncio.Task[None]] = {}
+        self._senders: dict[str, set[asyncio.Task[None]]] = {}
 
     async def submit(self, domain: str, item: T) -> R:
         """The outcome of ``item``, or the error it (or the call) ended in."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(domain, []).append((item, future))
-        if domain not in self._senders:
-            self._senders[domain] = asyncio.get_running_loop().create_task(
-                self._drain(domain), name=f"fedgw-calls-{domain}"
+        senders = self._senders.setdefault(domain, set())
+        if len(senders) < self._calls:
+            senders.add(
+                asyncio.get_running_loop().create_task(
+                    self._drain(domain), name=f"fedgw-calls-{domain}"
+                )
             )
         return await future
 
@@ -57,9 +68,12 @@ class Batcher(Generic[T, R]):
                 if batch:
                     await self._call(domain, batch)
         finally:
-            self._senders.pop(domain, None)
-            for _, future in self._queues.pop(domain, []):
-                future.cancel()  # only when the sender itself was cancelled
+            senders = self._senders[domain]
+            senders.discard(asyncio.current_task())
+            if not senders:
+                del self._senders[domain]
+                for _, future in self._queues.pop(domain, []):
+                    future.cancel()  # only when the senders themselves were cancelled
 
     async def _call(self, domain: str, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
@@ -80,7 +94,7 @@ class Batcher(Generic[T, R]):
 
     async def close(self) -> None:
         """Stop sending; items still waiting are cancelled."""
-        senders = list(self._senders.values())
+        senders = [task for tasks in self._senders.values() for task in tasks]
         for task in senders:
             task.cancel()
         await asyncio.gather(*senders, return_exceptions=True)

@@ -472,6 +472,10 @@ class Dataplane:
             model = self._model
             _check_port(peer, model)
             old = model.tunnels.get(peer.domain)
+            if peer.public_key is None and any(
+                p.wire.peer == peer.domain for p in model.wires.values()
+            ):
+                raise WireConflict(f"the tunnel to {peer.domain} carries wires: it needs its peer")
             key: TableKey = ("peer", peer.domain)
             table = model.tables.assign(key)
             plan = plan_tunnel(peer.domain, self.naming, self.policy, table)

@@ -213,3 +213,26 @@ async def test_a_close_call_that_fails_fails_its_closes() -> None:
     )
     with pytest.raises(PeerUnreachable):
         await batcher.submit("cluster2", "a")
+
+
+async def test_with_two_calls_allowed_the_second_item_does_not_wait_for_the_first() -> None:
+    peer = FakePeer()
+    peer.release.clear()
+    batcher = Batcher(peer.send, 64, calls=2)
+
+    async def settle() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(batcher.submit("cluster2", offer("o0")))]
+    await settle()
+    tasks.append(asyncio.create_task(batcher.submit("cluster2", offer("o1"))))
+    await settle()
+    assert peer.calls == [["o0"], ["o1"]]  # both out at once
+    tasks += [asyncio.create_task(batcher.submit("cluster2", offer(f"o{i}"))) for i in (2, 3, 4)]
+    await settle()
+    assert len(peer.calls) == 2  # no third call while two are out
+    peer.release.set()
+    assert [g.id for g in await asyncio.gather(*tasks)] == ["o0", "o1", "o2", "o3", "o4"]
+    assert peer.calls[2:] == [["o2", "o3", "o4"]]
+    await batcher.close()

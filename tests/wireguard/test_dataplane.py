@@ -1098,6 +1098,10 @@ async def test_a_tunnel_started_before_the_peers_key_is_known(dlab: DataplaneLab
     ]
     await p.attach(cw, ew)
     assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
+    # The key is not taken back from under a wire.
+    with pytest.raises(WireConflict, match="carries wires"):
+        await p.a.dataplane.ensure_peer(early)
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
 
 
 async def test_a_rotated_key_keeps_the_wires(dlab: DataplaneLab) -> None:
