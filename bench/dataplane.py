@@ -202,21 +202,17 @@ class Bench:
     # --- throughput --------------------------------------------------------------------------
 
     async def iperf3(self, dst: str) -> float:
-        out = await run(
-            "ip",
-            "netns",
-            "exec",
-            self.ns("c"),
-            "iperf3",
-            "-c",
-            dst,
-            "-J",
-            "-t",
-            str(self.args.seconds),
-            "-O",
-            "1",
-        )
-        return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
+        for attempt in range(3):
+            out = await run(
+                "ip", "netns", "exec", self.ns("c"), "iperf3", "-c", dst, "-J",
+                "-t", str(self.args.seconds), "-O", "1", check=False,
+            )  # fmt: skip
+            result = json.loads(out)
+            if "error" not in result:
+                return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+            # The server may still be finishing the test before ("the server is busy").
+            await asyncio.sleep(0.5 * (attempt + 1))
+        raise SystemExit(f"iperf3 to {dst}: {result['error']}")
 
     async def throughput(
         self, rounds: int, extra: dict[str, str] | None = None

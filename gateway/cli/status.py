@@ -68,6 +68,9 @@ def status(ctx: typer.Context, as_json: bool = JsonOption) -> None:
                 for t in st.dataplane.tunnels
             ],
         )
+        for t in st.dataplane.tunnels:
+            if t.error:
+                print(f"tunnel to {t.domain}: {t.error}")
 
 
 def _describe(item: dict[str, Any]) -> str | None:
