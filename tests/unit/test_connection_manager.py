@@ -1,6 +1,8 @@
-"""The connection manager's use of its data plane: opened ahead of the first connection
-once there may be one, and a tunnel made sure of once per change, not once per
-connection of a burst. A recording stand-in takes the data plane's place."""
+"""The connection manager's use of its data plane: opened, and each peer's tunnel
+started, ahead of the first connection once there may be one; a tunnel made sure of once
+per change, not once per connection of a burst; closes that complete when the kernel
+refuses part of them, and closes asked for in a batch. A recording stand-in takes the
+data plane's place."""
 
 from __future__ import annotations
 
