@@ -243,6 +243,12 @@ async def _serve_until(
         # the process: keep the collector's full passes from walking it again. They
         # stalled the event loop for 60-90 ms at a time under load.
         gc.freeze()
+        # And collect the young generation every 3,000 allocations, not 700: fewer of a
+        # request's short-lived objects live through a collection, get promoted, and
+        # start full passes. In a bench.connections run (once the gateways were ready):
+        # no full pass instead of 2-3 of up to 22-30 ms, the longest pause 6-8 ms, half
+        # the time in the collector, the same RSS.
+        gc.set_threshold(3000, 10, 10)
         stop = asyncio.ensure_future(stopping.wait())
         await asyncio.wait({stop, *running}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
