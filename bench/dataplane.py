@@ -207,7 +207,10 @@ class Bench:
                 "ip", "netns", "exec", self.ns("c"), "iperf3", "-c", dst, "-J",
                 "-t", str(self.args.seconds), "-O", "1", check=False,
             )  # fmt: skip
-            result = json.loads(out)
+            try:
+                result = json.loads(out)
+            except ValueError:
+                result = {"error": out.strip() or "no output"}
             if "error" not in result:
                 return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
             # The server may still be finishing the test before ("the server is busy").
