@@ -274,7 +274,7 @@ class NetlinkSocket:
             else:
                 await loop.sock_sendall(self._sock, bytes(datagram))
             while pending:
-                data = await loop.sock_recv(self._sock, self.RECV_SIZE)
+                data = await self._recv(loop)
                 for kind, flags, seq, payload in _messages(data):
                     if seq not in pending:
                         continue  # an answer to an earlier, cancelled batch
@@ -290,6 +290,16 @@ class NetlinkSocket:
                         reply.interrupted |= bool(flags & NLM_F_DUMP_INTR)
                         reply.messages.append((kind, payload))
             return replies
+
+    async def _recv(self, loop: asyncio.AbstractEventLoop) -> bytes:
+        # The kernel answered inside the send, so the answer is read at once. Waiting
+        # for readiness instead (uvloop's sock_recv always does) costs a pass of the
+        # event loop per batch, and under load that pass runs other requests' work
+        # while the caller, typically holding the data plane's lock, waits.
+        try:
+            return self._sock.recv(self.RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return await loop.sock_recv(self._sock, self.RECV_SIZE)
 
 
 # --- links -------------------------------------------------------------------------------

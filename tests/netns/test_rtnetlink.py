@@ -149,6 +149,27 @@ async def test_a_new_veth_is_echoed_with_its_peers_index() -> None:
 
 
 @needs_root
+def test_an_answered_batch_does_not_wait_for_the_event_loop() -> None:
+    """rtnetlink answers inside the send, so a batch (a dump too) is read at once: it
+    does not wait for a pass of the event loop, which under load runs other work first.
+    Under uvloop, whose ``sock_recv`` always waits."""
+    assert uvloop.run(_callbacks_run_during_a_batch()) == []
+
+
+async def _callbacks_run_during_a_batch() -> list[str]:
+    sock = await _socket()
+    ran: list[str] = []
+    try:
+        asyncio.get_running_loop().call_soon(ran.append, "a callback")
+        get, dump = await sock.exchange([nl.get_link("lo"), nl.dump_links()])
+        assert (get.error, dump.error) == (0, 0)
+        assert [nl.parse_link(p).name for _, p in dump.messages] == ["lo"]
+        return ran.copy()  # the callback runs before the loop closes
+    finally:
+        sock.close()
+
+
+@needs_root
 def test_deleting_a_link_does_not_stop_the_event_loop() -> None:
     """The kernel sleeps while it deletes a link (RCU grace periods), inside the send:
     that send runs in a worker thread, and the loop keeps going meanwhile. Under

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import socket
@@ -82,16 +81,21 @@ class UapiSocket:
         return pairs
 
     async def _exchange(self, body: str) -> list[tuple[str, str]]:
-        reader, writer = await asyncio.open_unix_connection(str(self.path))
-        try:
-            writer.write(body.encode("ascii"))
-            await writer.drain()
+        # A plain socket, not a stream: on a unix socket, connecting and sending are
+        # done at once, so a request waits for the event loop once, for the answer. A
+        # stream waited for several passes of the loop, which other work fills under
+        # load, and the data plane makes its writes holding its lock.
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, str(self.path))
+            await loop.sock_sendall(sock, body.encode("ascii"))
             # The answer is read in large chunks up to its empty line, not line by line:
             # a get carries one line per allowed IP, thousands with many connections.
             answer = bytearray()
             end = -1
             while end < 0:
-                chunk = await reader.read(1 << 16)
+                chunk = await loop.sock_recv(sock, 1 << 16)
                 if not chunk:
                     raise UapiFailed(
                         f"{self.path}: connection closed before the answer ended",
@@ -105,19 +109,13 @@ class UapiSocket:
                         f"{self.path}: answer longer than {_MAX_RESPONSE} bytes",
                         errno=errno.EMSGSIZE,
                     )
-            pairs: list[tuple[str, str]] = []
-            for text in answer[:end].decode("ascii", errors="replace").split("\n")[:-1]:
-                key, sep, value = text.partition("=")
-                if not sep:
-                    raise UapiFailed(
-                        f"{self.path}: malformed answer line {text!r}", errno=errno.EPROTO
-                    )
-                pairs.append((key, value))
-            return pairs
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
+        pairs: list[tuple[str, str]] = []
+        for text in answer[:end].decode("ascii", errors="replace").split("\n")[:-1]:
+            key, sep, value = text.partition("=")
+            if not sep:
+                raise UapiFailed(f"{self.path}: malformed answer line {text!r}", errno=errno.EPROTO)
+            pairs.append((key, value))
+        return pairs
 
     async def get(self) -> list[tuple[str, str]]:
         return await self.request("get=1\n\n")
