@@ -99,7 +99,12 @@ async def delete_netns(name: str) -> bool:
     (a veth takes its peer along); processes inside must be stopped first."""
     if not netns_exists(name):
         return False
-    await run("ip", "netns", "delete", name)
+    try:
+        await run("ip", "netns", "delete", name)
+    except CommandFailed:
+        if netns_exists(name):
+            raise
+        return False  # someone else deleted it meanwhile
     return True
 
 

@@ -76,6 +76,14 @@ async def test_veth_across_namespaces_carries_ping(pair: tuple[str, str]) -> Non
     assert "10.98.0.0/16 via 10.99.0.1 dev vb" in routes
 
 
+async def test_two_deletes_at_once_both_succeed(pair: tuple[str, str]) -> None:
+    """Both see the namespace, one deletes it: the other finds it gone, not an error
+    (two `fedgw lab down` at once)."""
+    a, _ = pair
+    assert sorted(await asyncio.gather(delete_netns(a), delete_netns(a))) == [False, True]
+    assert not netns_exists(a)
+
+
 async def test_sysctl_is_per_namespace(pair: tuple[str, str]) -> None:
     a, b = pair
     await set_sysctl(a, "net.ipv4.ip_forward", "1")
