@@ -132,6 +132,21 @@ def _kernel() -> tuple[int, int]:
 
 
 @needs_root
+async def test_both_ends_of_a_new_veth_have_one_queue_each_way() -> None:
+    """Not one per possible CPU, the kernel's default (on a one-CPU host the same)."""
+    sock = await _socket()
+    try:
+        await sock.exchange([nl.new_veth("fgwt-a", "fgwt-b")])
+        ends = await sock.exchange([nl.get_link("fgwt-a"), nl.get_link("fgwt-b")])
+    finally:
+        sock.close()
+    for end in ends:
+        attrs = nl.parse_attrs(end.messages[0][1], nl.IFINFO.size)
+        queues = [nl.u32(attrs.get(k)) for k in (nl.IFLA_NUM_TX_QUEUES, nl.IFLA_NUM_RX_QUEUES)]
+        assert queues == [1, 1]
+
+
+@needs_root
 async def test_a_new_veth_is_echoed_with_its_peers_index() -> None:
     sock = await _socket()
     try:
