@@ -6,7 +6,8 @@ handful of message types only (links, addresses, routes, rules, neighbours), so 
 are packed and parsed here directly, and the requests of one step are sent in one
 ``send``: the kernel runs them in order and answers each with its own acknowledgement.
 rtnetlink handles requests in the sender's system call, so the answers are waiting by
-the time ``send`` returns and a batch costs one round trip through the event loop.
+the time ``send`` returns: they are read at once, and a batch costs no pass of the event
+loop.
 
 Only wire formats live here; :mod:`wireguard.netns` turns them into sessions with
 names, errors and records.
