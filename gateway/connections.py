@@ -361,16 +361,21 @@ class ConnectionManager:
         if updated != tunnel:
             self._tunnels[domain] = updated
             await self._tunnel_records.put(domain, updated)
-        peer = self._peer_tunnel(domain)
-        assert peer is not None
         dataplane = await self._ensure_dataplane()
         # Every connection passes here; the tunnel changes rarely, and making sure of it
         # means reading the whole namespace. The first of a burst does it, the others
         # wait for it and find it done.
         async with _lock_in(self._tunnel_locks, domain):
-            if self._ensured.get(domain) != peer:
-                await dataplane.ensure_peer(peer)
-                self._ensured[domain] = peer
+            await self._ensure_tunnel(dataplane, domain)
+
+    async def _ensure_tunnel(self, dataplane: Dataplane, domain: str) -> None:
+        """Make the data plane's tunnel to ``domain`` what its record says, unless it is
+        so already. Under the tunnel's lock."""
+        peer = self._peer_tunnel(domain)
+        assert peer is not None
+        if self._ensured.get(domain) != peer:
+            await dataplane.ensure_peer(peer)
+            self._ensured[domain] = peer
 
     async def drop_peer(self, domain: str) -> None:
         """A peer left: close its connections and remove the tunnel."""
@@ -1059,16 +1064,12 @@ class ConnectionManager:
                 if domain in self._ensured or self._federation.peers.get(domain) is None:
                     continue
                 await self._tunnel(domain)
-                peer = self._peer_tunnel(domain)
-                assert peer is not None
                 try:
-                    await dataplane.ensure_peer(peer)
+                    await self._ensure_tunnel(dataplane, domain)
                 except FedgwError as exc:
                     # Not retried here: the first connection tries again, and says why.
                     self._tunnels_failed.add(domain)
                     log.warning("cannot start the tunnel to %s yet: %s", domain, exc)
-                    continue
-                self._ensured[domain] = peer
 
     async def _silent_tunnels(self) -> set[str]:
         """Peers whose tunnel stopped passing traffic: we keep sending (tx grows) but
