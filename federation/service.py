@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from federation.batches import Batcher, offer_outcomes, send_closes
+from federation.batches import offer_outcomes, send_closes
 from federation.client import FederationClient
 from federation.errors import AlreadyFederated, PeerUnreachable
 from federation.join import build_request, fetch_pinned_bundle, send_join, verify_request
@@ -34,6 +34,7 @@ from federation.models import (
 from federation.peers import PeerTable
 from federation.resolve import DomainResolver
 from federation.tokens import FederationToken, TokenInfo, TokenIssuer
+from fedgw.batches import Batcher
 from fedgw.clock import Clock, to_datetime
 from fedgw.errors import FedgwError, InvalidInput
 from fedgw.store import Store

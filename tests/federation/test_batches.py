@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from federation.batches import Batcher, offer_outcomes, send_closes
+from federation.batches import offer_outcomes, send_closes
 from federation.errors import BadPeerAnswer, PeerUnreachable
 from federation.models import (
     ConnectionGrant,
@@ -19,6 +19,7 @@ from federation.models import (
     OfferResults,
     WireGuardInfo,
 )
+from fedgw.batches import Batcher
 from fedgw.errors import Conflict, FedgwError, NotFound, PermissionDenied
 from wireguard.keys import PrivateKey
 
