@@ -2,7 +2,7 @@
 the items that arrive queue up and go together in the next call. An item that finds a
 call free leaves at once, so batching never adds a wait of its own; under load, the
 fixed cost of a call is shared by all it carries. Calls to a peer carry connection
-offers and closes this way."""
+offers and closes this way; the data plane deletes veth pairs this way."""
 
 from __future__ import annotations
 
@@ -77,6 +77,12 @@ class Batcher(Generic[T, R]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+
+    async def wait(self) -> None:
+        """Until every item submitted so far, and any submitted meanwhile, has its
+        outcome. Cancelling the wait cancels no call."""
+        while senders := [task for tasks in self._senders.values() for task in tasks]:
+            await asyncio.wait(senders)
 
     async def close(self) -> None:
         """Stop sending; items still waiting are cancelled."""

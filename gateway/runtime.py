@@ -107,7 +107,10 @@ class Gateway:
                 )
                 log.info("data plane: %s (%s)", driver.kind, driver.name)
                 settings = DataplaneSettings(
-                    prefix=s.interface_prefix, mss_clamping=s.mss_clamping, mark_mask=s.mark_mask
+                    prefix=s.interface_prefix,
+                    mss_clamping=s.mss_clamping,
+                    mark_mask=s.mark_mask,
+                    link_group=s.link_group,
                 )
                 return Dataplane(settings, driver)
 

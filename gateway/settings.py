@@ -196,6 +196,13 @@ class GatewaySettings(BaseSettings):
         description="packet-mark bits the data plane sets on what arrives from its wires "
         "and tunnels (contiguous, 17 or more); nothing else in its namespace may use them",
     )
+    link_group: Annotated[int, BeforeValidator(_int_or_hex)] = Field(
+        DataplaneSettings.model_fields["link_group"].default,
+        ge=1,
+        le=0xFFFFFFFF,
+        description="the link group the data plane moves veth pairs into to delete many "
+        "at once; nothing else in its namespace may use it",
+    )
     exclude_prefixes: list[Network] = Field(
         default_factory=list,
         description="this domain's pod and service CIDRs: never given to its clients",

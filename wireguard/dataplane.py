@@ -16,6 +16,7 @@ from types import TracebackType
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from fedgw.batches import Batcher
 from wireguard import nftables
 from wireguard import rtnetlink as nl
 from wireguard.drivers.base import (
@@ -73,8 +74,9 @@ from wireguard.wires import (
 
 log = logging.getLogger(__name__)
 
-_DELETING_AT_ONCE = 16
-"""Veth pairs deleted side by side (a socket and a worker thread each)."""
+_DELETES_AT_ONCE = 512
+"""Most veth pairs deleted in one go: a batch is two netlink messages per pair, in one
+datagram that must fit the socket's send buffer."""
 
 WIREGUARD_OVERHEAD = 80
 """IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
@@ -131,6 +133,13 @@ class DataplaneSettings(BaseModel):
         description="the packet-mark bits fedgw sets on what arrives from its wires and "
         "tunnels (contiguous, enough for table_count tables); nothing else in the gateway "
         "namespace may use them",
+    )
+    link_group: int = Field(
+        0xFED6,
+        ge=1,
+        le=0xFFFFFFFF,
+        description="the link group fedgw moves veth pairs into to delete many at once; "
+        "nothing else in the gateway namespace may use it",
     )
 
     @field_validator("prefix")
@@ -297,7 +306,9 @@ class Dataplane:
         # Veth pairs being deleted after their wire let go of the lock (by name): an
         # attach that wants one of those names waits until it is free.
         self._dying: dict[str, asyncio.Event] = {}
-        self._deleting = asyncio.Semaphore(_DELETING_AT_ONCE)
+        # Their deletion: whatever is waiting while a deletion runs goes in the next one.
+        self._deleter: Rtnl | None = None
+        self._deletions: Batcher[str, None] = Batcher(self._delete_pairs, _DELETES_AT_ONCE)
         # Peers whose list of allowed IPs is to be rewritten once the lock is free (see
         # _rewrite_allowed_soon), and the tasks doing it.
         self._rewrites: dict[str, asyncio.Future[None]] = {}
@@ -322,10 +333,11 @@ class Dataplane:
     async def close(self) -> None:
         """Close the sessions; tunnels and wires stay (a restarted gateway adopts them)."""
         await asyncio.gather(*self._rewriting, return_exceptions=True)
-        for session in (self._rtnl, self._nft):
+        await self._deletions.wait()
+        for session in (self._rtnl, self._nft, self._deleter):
             if session is not None:
                 await session.__aexit__(None, None, None)
-        self._rtnl = self._nft = None
+        self._rtnl = self._nft = self._deleter = None
 
     async def __aenter__(self) -> Dataplane:
         await self.open()
@@ -545,7 +557,8 @@ class Dataplane:
 
         The path is closed under the lock; the veth pairs are deleted after it is let
         go. The kernel takes 15-20 ms to delete a link (it waits for RCU grace periods):
-        other wires need not wait for that, and deletions side by side overlap."""
+        other wires need not wait for that, and pairs closed meanwhile are deleted
+        together, in one wait."""
         rewrites: list[asyncio.Future[None]] = []
         async with self._lock:
             plans = self._model.connection_wires(connection_id)
@@ -575,20 +588,49 @@ class Dataplane:
         return gone
 
     async def _delete_veths(self, veths: list[str], gone: asyncio.Event) -> None:
-        """Delete veth pairs marked by :meth:`_dying_now`, each on a netlink socket of
-        its own (one socket handles one request at a time)."""
-
-        async def delete(veth: str) -> None:
-            async with self._deleting, Rtnl(self.settings.netns) as rtnl:
-                await rtnl.delete_link(veth)
-
+        """Delete veth pairs marked by :meth:`_dying_now`, together with those that
+        others delete meanwhile."""
         try:
-            await asyncio.gather(*(delete(veth) for veth in veths))
+            for failure in await self._delete_together(veths):
+                if failure is not None:
+                    raise failure
         finally:
             for veth in veths:
                 if self._dying.get(veth) is gone:
                     del self._dying[veth]
             gone.set()
+
+    async def _delete_together(self, veths: Iterable[str]) -> list[BaseException | None]:
+        """Delete veth pairs in a batch (see :meth:`_delete_pairs`); for each, None or
+        what it failed with."""
+        key = self.settings.netns or ""
+        return await asyncio.gather(
+            *(self._deletions.submit(key, veth) for veth in veths), return_exceptions=True
+        )
+
+    async def _delete_pairs(self, _: str, veths: list[str]) -> list[Exception | None]:
+        """Delete veth pairs as one link group (:meth:`Rtnl.delete_links`): the kernel
+        waits for RCU grace periods (15-20 ms) once for the group, not once for each.
+        On a netlink session of its own, which that wait holds up; the next batch
+        gathers meanwhile."""
+        if self._deleter is None:
+            deleter = Rtnl(self.settings.netns)
+            await deleter.__aenter__()
+            self._deleter = deleter
+        try:
+            await self._deleter.delete_links(veths, self.settings.link_group)
+            return [None] * len(veths)
+        except DataplaneError as exc:
+            # Something in the group that cannot be deleted (EOPNOTSUPP), say: one by one.
+            log.warning("deleting %d veth pairs together failed (%s); one by one", len(veths), exc)
+        outcomes: list[Exception | None] = []
+        for veth in veths:
+            try:
+                await self._deleter.delete_link(veth)
+                outcomes.append(None)
+            except DataplaneError as exc:
+                outcomes.append(exc)
+        return outcomes
 
     def _wire_mtu(self, wire: Wire, model: _Model) -> int:
         if wire.mtu is not None:
@@ -1008,6 +1050,16 @@ class _Reconciliation:
             for link in await rtnl.link_details()
             if self.naming.kind_of(link.name) is not None
         }
+        # Pairs a gateway moved into the link group to delete them and then stopped: they
+        # go now, before a wire that wants one of their names adopts it, only for the
+        # next deletion of the group to take it along.
+        leftovers = [
+            name
+            for name, link in links.items()
+            if link.group == self.settings.link_group and name not in dp._dying
+        ]
+        for name in await self._remove_veths(leftovers, "half-deleted wire"):
+            del links[name]
         rules = [r for r in await rtnl.rules() if self._owned_rule(r)]
         marks = await dp.nft.marks()
         running = [
@@ -1230,21 +1282,33 @@ class _Reconciliation:
         for mark in marks:
             self.change(describe(mark) if add else f"{describe(mark)} removed")
 
+    async def _remove_veths(self, veths: list[str], what: str) -> list[str]:
+        """Delete veth pairs together; those deleted."""
+        removed = []
+        for name, failure in zip(veths, await self.dp._delete_together(veths), strict=True):
+            if isinstance(failure, DataplaneError):
+                self.fail(f"removing {name}", failure)
+            elif failure is not None:
+                raise failure
+            else:
+                self.change(f"{what} {name} removed")
+                removed.append(name)
+        return removed
+
     async def _remove_stale(self, links: dict[str, Link], running: list[InterfaceRef]) -> None:
         dp = self.dp
         # A pair being deleted is on its way out already.
         wanted_veths = {p.veth for p in self.model.wires.values()} | set(dp._dying)
         wanted_tunnels = {t.plan.interface for t in self.model.tunnels.values()}
+        stale = [n for n in links if self.naming.kind_of(n) == "veth" and n not in wanted_veths]
+        await self._remove_veths(stale, "stale wire")
         for name in links:
-            kind = self.naming.kind_of(name)
+            if self.naming.kind_of(name) != "tunnel" or name in wanted_tunnels:
+                continue
             try:
-                if kind == "veth" and name not in wanted_veths:
+                if not await dp.driver.remove_interface(dp._ref(name)):
                     await dp.rtnl.delete_link(name)
-                    self.change(f"stale wire {name} removed")
-                elif kind == "tunnel" and name not in wanted_tunnels:
-                    if not await dp.driver.remove_interface(dp._ref(name)):
-                        await dp.rtnl.delete_link(name)
-                    self.change(f"stale tunnel {name} removed")
+                self.change(f"stale tunnel {name} removed")
             except DataplaneError as exc:
                 self.fail(f"removing {name}", exc)
         for ref in running:

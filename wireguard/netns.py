@@ -557,6 +557,20 @@ class Rtnl(NetlinkSession):
         request = nl.delete_link(index, ifname)
         return await self._one(replace(request, ignore=_NO_LINK))
 
+    async def delete_links(self, ifnames: Sequence[str], group: int) -> list[bool]:
+        """Delete the links ``ifnames`` together; for each, False if it was not there.
+
+        They are moved into link group ``group``, and the group is deleted: the kernel
+        waits for its RCU grace periods once for all of them, where deleting them one by
+        one waits 15-20 ms for each. Every link already in ``group`` goes too: the group
+        must be the caller's alone in this namespace."""
+        if self._indexes is not None:
+            for ifname in ifnames:
+                self._indexes.pop(ifname, None)
+        # One datagram: the kernel carries the requests out in order.
+        moves = [nl.set_group(ifname, group) for ifname in ifnames]
+        return (await self.batch([*moves, nl.delete_group(group)]))[:-1]
+
     # --- addresses -------------------------------------------------------------------
 
     async def add_address(self, ifname: str, address: Interface | str) -> bool:

@@ -50,6 +50,7 @@ IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
 IFLA_LINKINFO, IFLA_EXT_MASK, IFLA_NET_NS_FD, IFLA_AF_SPEC = 18, 29, 28, 26
 IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
+IFLA_GROUP = 27
 IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 8, 1
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
@@ -410,6 +411,24 @@ def delete_link(index: int, name: str) -> Request:
     return Request(RTM_DELLINK, 0, _ifinfo(index), f"delete {name}", sleeps=True)
 
 
+def set_group(name: str, group: int) -> Request:
+    """Move link ``name`` into link group ``group``. The link is found by its name (in
+    the same request), and one that is not there counts as done."""
+    body = _ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_GROUP, group)
+    return Request(RTM_SETLINK, 0, body, f"move {name} into link group {group}", _NO_DEVICE)
+
+
+def delete_group(group: int) -> Request:
+    """Delete every link of group ``group`` at once: the kernel unregisters them as one
+    batch and waits for its RCU grace periods once, not once for each link. An empty
+    group counts as done."""
+    body = _ifinfo() + attr_u32(IFLA_GROUP, group)
+    return Request(RTM_DELLINK, 0, body, f"delete link group {group}", _NO_DEVICE, sleeps=True)
+
+
+_NO_DEVICE = frozenset({errno.ENODEV})
+
+
 @dataclass(frozen=True, slots=True)
 class Link:
     """A link as RTNL describes it, with what identifies a veth end (MAC, peer index)."""
@@ -423,6 +442,8 @@ class Link:
     mac: str | None = None
     peer_index: int | None = None
     """IFLA_LINK: for a veth, its peer's index (in the peer's namespace)."""
+    group: int = 0
+    """IFLA_GROUP: the link group (0, the default group, unless someone moved it)."""
 
 
 def parse_link(payload: bytes) -> Link:
@@ -439,6 +460,7 @@ def parse_link(payload: bytes) -> Link:
         master=u32(attrs.get(IFLA_MASTER)),
         mac=mac_str(attrs.get(IFLA_ADDRESS)),
         peer_index=u32(attrs.get(IFLA_LINK)),
+        group=u32(attrs.get(IFLA_GROUP)) or 0,
     )
 
 

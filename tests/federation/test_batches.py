@@ -5,6 +5,7 @@ outcome. And closes: batched, or one by one to a peer that does not batch them."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -88,6 +89,29 @@ async def test_an_offer_alone_leaves_at_once_and_a_burst_goes_together() -> None
     grants = await asyncio.gather(first, *rest)
     assert [g.id for g in grants] == ["b1", "c0", "c1", "c2", "c3", "c4"]
     assert peer.calls == [["a1"], ["b1"], ["c0", "c1", "c2", "c3", "c4"]]
+
+
+async def test_waiting_for_the_batcher_waits_for_later_items_too_and_cancels_nothing() -> None:
+    peer = FakePeer()
+    batcher = Batcher(peer.send, 64)
+    peer.release.clear()
+    first = asyncio.create_task(batcher.submit("cluster2", offer("a1")))
+    await asyncio.sleep(0)  # a1's call is out
+    later = asyncio.create_task(batcher.submit("cluster2", offer("a2")))
+    waiting = asyncio.create_task(batcher.wait())
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    waiting.cancel()  # giving up the wait leaves the calls alone
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting
+    waiting = asyncio.create_task(batcher.wait())
+    await asyncio.sleep(0)
+    peer.release.set()
+    await waiting
+    assert first.done() and later.done()
+    assert [first.result().id, later.result().id] == ["a1", "a2"]
+    assert peer.calls == [["a1"], ["a2"]]
+    await batcher.wait()  # nothing out: at once
 
 
 async def test_each_waiter_gets_its_own_answer() -> None:

@@ -54,6 +54,22 @@ async def test_create_and_delete_are_idempotent(pair: tuple[str, str]) -> None:
         assert lo.up
 
 
+async def test_links_deleted_together_take_their_peers_and_nothing_else(
+    pair: tuple[str, str],
+) -> None:
+    a, b = pair
+    async with Rtnl(a) as rtnl:
+        for n in range(3):
+            await rtnl.add_veth(f"gone{n}", f"peer{n}", b)
+        await rtnl.add_veth("kept", "kept-peer", b)
+        done = await rtnl.delete_links(["gone0", "gone1", "never", "gone2"], 0xFED6)
+        assert done == [True, True, False, True]  # "never" was not there
+        assert {link.name for link in await rtnl.links()} == {"lo", "kept"}
+        assert await rtnl.delete_links(["never"], 0xFED6) == [False]  # an empty group
+    async with Rtnl(b) as rtnl:
+        assert {link.name for link in await rtnl.links()} == {"lo", "kept-peer"}
+
+
 async def test_veth_across_namespaces_carries_ping(pair: tuple[str, str]) -> None:
     a, b = pair
     async with Rtnl(a) as rtnl:

@@ -78,3 +78,15 @@ def test_the_mark_mask_takes_hex_and_must_hold_the_tables(monkeypatch: pytest.Mo
         monkeypatch.setenv("FEDGW_MARK_MASK", bad)
         with pytest.raises(SettingsError, match=f"mark_mask.*{fragment}"):
             load_settings(domain="c1")
+
+
+def test_the_link_group_takes_hex_and_is_not_the_default_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(domain="c1").link_group == 0xFED6
+    monkeypatch.setenv("FEDGW_LINK_GROUP", "0x1234")
+    assert load_settings(domain="c1").link_group == 0x1234
+    for bad, fragment in (("0", "greater than or equal to 1"), ("0x100000000", "less than")):
+        monkeypatch.setenv("FEDGW_LINK_GROUP", bad)
+        with pytest.raises(SettingsError, match=f"link_group.*{fragment}"):
+            load_settings(domain="c1")

@@ -618,7 +618,7 @@ async def test_another_connection_leaves_the_session_alone(dlab: DataplaneLab) -
 async def test_wires_closed_together_share_one_rewrite_of_the_allowed_ips(
     dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Six connections closed at once: their veth pairs go side by side after the lock,
+    """Six connections closed at once: their veth pairs go together after the lock,
     and the peer's list of allowed IPs (rewritten whole by WireGuard) is written once or
     twice, not six times, ending with exactly what the connection left open needs. An
     attach right after that reuses a closed connection's addresses works."""
@@ -635,8 +635,18 @@ async def test_wires_closed_together_share_one_rewrite_of_the_allowed_ips(
         await replace_allowed_ips(*args)
 
     monkeypatch.setattr(p.a.dataplane.driver, "replace_allowed_ips", counted)
+    deletions: list[int] = []
+    delete_links = Rtnl.delete_links
+
+    async def counted_deletions(rtnl: Rtnl, ifnames: list[str], group: int) -> list[bool]:
+        deletions.append(len(ifnames))
+        return await delete_links(rtnl, ifnames, group)
+
+    monkeypatch.setattr(Rtnl, "delete_links", counted_deletions)
     await asyncio.gather(*(p.a.dataplane.detach(cw.connection_id) for cw, _ in closing))
     assert 1 <= len(writes) <= 2, writes
+    # The pairs go in one or two deletions, not six: each waits for RCU grace periods.
+    assert sum(deletions) == 6 and len(deletions) <= 2, deletions
     [peer] = (await p.a.dataplane.state()).peers
     assert peer.allowed_ips == ["10.60.0.0/16", "172.16.1.0/32"]
     async with Rtnl(p.client) as rtnl:
@@ -647,6 +657,24 @@ async def test_wires_closed_together_share_one_rewrite_of_the_allowed_ips(
     await p.attach(*again)
     assert await ping(p.client, str(again[1].address.ip), count=1) == (1, 1)
     assert await ping(p.client, str(ENDPOINT_ADDRESS.ip), count=1) == (1, 1)
+
+
+async def test_a_group_that_cannot_be_deleted_whole_is_deleted_one_by_one(
+    dlab: DataplaneLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Something that has no way to be deleted (here the loopback) in fedgw's link group
+    fails the deletion of the whole group: the pairs are then deleted one by one, and
+    the rest stays."""
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())
+    group = str(p.a.dataplane.settings.link_group)
+    await run("ip", "-n", p.a.netns, "link", "set", "lo", "group", group)
+    assert await p.a.dataplane.detach("conn-1")
+    async with Rtnl(p.a.netns) as rtnl:
+        assert await rtnl.find(p.a.dataplane.naming.veth("conn-1", "client")) is None
+        [lo] = await rtnl.link_details("lo")
+    assert lo.up
+    assert "one by one" in caplog.text
 
 
 async def test_two_peers_handing_out_the_same_prefixes_both_work(dlab: DataplaneLab) -> None:
@@ -1011,6 +1039,31 @@ async def test_a_restarted_gateway_adopts_tunnels_and_wires(dlab: DataplaneLab) 
     # And it goes on working incrementally from the adopted state.
     assert await dp.detach("conn-2")
     assert [w.connection_id for w in (await dp.state()).wires] == ["conn-1"]
+
+
+async def test_a_wire_a_stopped_gateway_was_deleting_is_made_anew(dlab: DataplaneLab) -> None:
+    """A gateway that stops after it moved a pair into its link group to delete it, and
+    before the kernel deleted the group: its successor does not adopt that pair (the next
+    deletion of the group would take it along) but makes it anew."""
+    p = await two_domains(dlab, peered=False)
+    want_a, want_b = desired(p, p.wires("conn-1", 1))
+    await p.a.dataplane.reconcile(want_a)
+    await p.b.dataplane.reconcile(want_b)
+    await p.a.dataplane.close()
+    settings = p.a.dataplane.settings
+    veth = p.a.dataplane.naming.veth("conn-1", "client")
+    await run("ip", "-n", p.a.netns, "link", "set", veth, "group", str(settings.link_group))
+
+    dp = Dataplane(settings, p.a.dataplane.driver)
+    p.a.dataplane = dp
+    await dp.open()
+    report = await dp.reconcile(want_a)
+    assert report.failures == []
+    assert f"half-deleted wire {veth} removed" in report.changes
+    async with Rtnl(p.a.netns) as rtnl:
+        [link] = await rtnl.link_details(veth)
+    assert link.group == 0
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
 
 
 async def test_mss_clamping_lets_larger_workload_mtus_through(dlab: DataplaneLab) -> None:
