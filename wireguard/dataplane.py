@@ -75,8 +75,8 @@ from wireguard.wires import (
 log = logging.getLogger(__name__)
 
 _DELETES_AT_ONCE = 512
-"""Most veth pairs deleted in one go: a batch is two netlink messages per pair, in one
-datagram that must fit the socket's send buffer."""
+"""Most veth pairs deleted in one go: a batch is a netlink message per pair (about 60
+bytes), in one datagram that must fit the socket's send buffer."""
 
 WIREGUARD_OVERHEAD = 80
 """IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
