@@ -15,9 +15,10 @@ import pytest
 from pyroute2.netlink.generic.wireguard import AsyncWireGuard, wgmsg
 
 from wireguard.drivers import Endpoint, InterfaceRef, PeerUpdate, prefixes
+from wireguard.drivers.base import parse_prefix
 from wireguard.drivers.kernel import parse_device as parse_netlink
 from wireguard.drivers.kernel import peer_messages
-from wireguard.drivers.uapi import UapiSocket, owner_pid, parse_device, peer_lines
+from wireguard.drivers.uapi import UapiSocket, owner_pid, parse_device, peer_lines, prefix_text
 from wireguard.errors import UapiFailed
 from wireguard.keys import PresharedKey, PrivateKey
 
@@ -123,6 +124,21 @@ async def test_a_long_answer_in_small_pieces_is_read_whole(
     assert light.peers[0].allowed_ips == ()
     assert (light.peers[0].rx_bytes, light.peers[0].tx_bytes) == (20, 10)
     assert light.listen_port == 51820
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["10.0.0.0/24", "172.16.1.7/32", "0.0.0.0/0", "fd00:60::/64", "2001:db8::1/128", "::/0"],
+)
+def test_a_prefix_is_written_as_python_writes_it(text: str) -> None:
+    net = parse_prefix(text)
+    assert prefix_text(net) == str(net) == text
+
+
+def test_an_ipv4_mapped_prefix_reads_back_the_same() -> None:
+    """Python and inet_ntop may write this one differently; both read back the same."""
+    net = parse_prefix("::ffff:10.0.0.1/128")
+    assert parse_prefix(prefix_text(net)) == net
 
 
 async def test_set_sends_one_peer_and_maps_errno(short_tmp: Path) -> None:

@@ -13,7 +13,6 @@ from wireguard.drivers.base import (
     InterfaceRef,
     InterfaceSpec,
     InterfaceState,
-    Network,
     PeerState,
     PeerUpdate,
     WireGuardDriver,
@@ -178,10 +177,11 @@ class MemoryDriver(WireGuardDriver):
             rx_bytes=0,
             tx_bytes=0,
         )
-        allowed: tuple[Network, ...] = (
+        # Kept sorted and without repeats, as a real interface reports them.
+        allowed = sort_prefixes(
             update.allowed_ips
             if update.replace_allowed_ips
-            else sort_prefixes((*peer.allowed_ips, *update.allowed_ips))
+            else (*peer.allowed_ips, *update.allowed_ips)
         )
         peer = replace(
             peer,
