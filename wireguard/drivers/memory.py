@@ -177,7 +177,8 @@ class MemoryDriver(WireGuardDriver):
             rx_bytes=0,
             tx_bytes=0,
         )
-        # Kept sorted and without repeats, as a real interface reports them.
+        # Kept canonical (sorted, no repeats): states compare equal whatever order the
+        # writes came in.
         allowed = sort_prefixes(
             update.allowed_ips
             if update.replace_allowed_ips
