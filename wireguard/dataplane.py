@@ -36,7 +36,7 @@ from wireguard.errors import (
     WireConflict,
 )
 from wireguard.keys import PublicKey
-from wireguard.netns import Address, Link, Neighbour, Route, Rtnl, Rule, in_netns
+from wireguard.netns import LINKS_AT_ONCE, Address, Link, Neighbour, Route, Rtnl, Rule, in_netns
 from wireguard.nftables import Mark, Nft
 from wireguard.routing import (
     Allowed,
@@ -74,9 +74,9 @@ from wireguard.wires import (
 
 log = logging.getLogger(__name__)
 
-_DELETES_AT_ONCE = 512
-"""Most veth pairs deleted in one go: a batch is a netlink message per pair (about 60
-bytes), in one datagram that must fit the socket's send buffer."""
+_DELETING_AT_ONCE = 16
+"""Veth pairs deleted side by side when they cannot be deleted as a group (a socket and
+a worker thread each)."""
 
 WIREGUARD_OVERHEAD = 80
 """IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
@@ -307,8 +307,9 @@ class Dataplane:
         # attach that wants one of those names waits until it is free.
         self._dying: dict[str, asyncio.Event] = {}
         # Their deletion: whatever is waiting while a deletion runs goes in the next one.
-        self._deleter: Rtnl | None = None
-        self._deletions: Batcher[str, None] = Batcher(self._delete_pairs, _DELETES_AT_ONCE)
+        self._deletions: Batcher[str, None] = Batcher(self._delete_pairs, LINKS_AT_ONCE)
+        self._deleting = asyncio.Semaphore(_DELETING_AT_ONCE)
+        self._group_failed = False  # told the operator once
         # Peers whose list of allowed IPs is to be rewritten once the lock is free (see
         # _rewrite_allowed_soon), and the tasks doing it.
         self._rewrites: dict[str, asyncio.Future[None]] = {}
@@ -334,10 +335,10 @@ class Dataplane:
         """Close the sessions; tunnels and wires stay (a restarted gateway adopts them)."""
         await asyncio.gather(*self._rewriting, return_exceptions=True)
         await self._deletions.wait()
-        for session in (self._rtnl, self._nft, self._deleter):
+        for session in (self._rtnl, self._nft):
             if session is not None:
                 await session.__aexit__(None, None, None)
-        self._rtnl = self._nft = self._deleter = None
+        self._rtnl = self._nft = None
 
     async def __aenter__(self) -> Dataplane:
         await self.open()
@@ -613,23 +614,33 @@ class Dataplane:
         waits for RCU grace periods (15-20 ms) once for the group, not once for each.
         On a netlink session of its own, which that wait holds up; the next batch
         gathers meanwhile."""
-        if self._deleter is None:
-            deleter = Rtnl(self.settings.netns)
-            await deleter.__aenter__()
-            self._deleter = deleter
+        group = self.settings.link_group
         try:
-            await self._deleter.delete_links(veths, self.settings.link_group)
+            async with Rtnl(self.settings.netns) as rtnl:
+                await rtnl.delete_links(veths, group)
             return [None] * len(veths)
         except DataplaneError as exc:
-            # Something in the group that cannot be deleted (EOPNOTSUPP), say: one by one.
-            log.warning("deleting %d veth pairs together failed (%s); one by one", len(veths), exc)
+            # Something in the group that has no way to be deleted (EOPNOTSUPP), say.
+            if not self._group_failed:
+                self._group_failed = True
+                log.warning(
+                    "cannot delete link group %d (%s): is it used by something else? "
+                    "Veth pairs are deleted one by one; give fedgw a group of its own",
+                    group,
+                    exc,
+                )
+
+        async def delete(veth: str) -> None:
+            async with self._deleting, Rtnl(self.settings.netns) as rtnl:
+                await rtnl.delete_link(veth)
+
+        results = await asyncio.gather(*(delete(v) for v in veths), return_exceptions=True)
         outcomes: list[Exception | None] = []
-        for veth in veths:
-            try:
-                await self._deleter.delete_link(veth)
-                outcomes.append(None)
-            except DataplaneError as exc:
-                outcomes.append(exc)
+        for result in results:
+            if isinstance(result, DataplaneError) or result is None:
+                outcomes.append(result)
+            else:
+                raise result
         return outcomes
 
     def _wire_mtu(self, wire: Wire, model: _Model) -> int:
@@ -1050,16 +1061,6 @@ class _Reconciliation:
             for link in await rtnl.link_details()
             if self.naming.kind_of(link.name) is not None
         }
-        # Pairs a gateway moved into the link group to delete them and then stopped: they
-        # go now, before a wire that wants one of their names adopts it, only for the
-        # next deletion of the group to take it along.
-        leftovers = [
-            name
-            for name, link in links.items()
-            if link.group == self.settings.link_group and name not in dp._dying
-        ]
-        for name in await self._remove_veths(leftovers, "half-deleted wire"):
-            del links[name]
         rules = [r for r in await rtnl.rules() if self._owned_rule(r)]
         marks = await dp.nft.marks()
         running = [
@@ -1178,10 +1179,15 @@ class _Reconciliation:
                 end = plan.workload_end
                 link = links.get(plan.veth)
                 try:
+                    # Not a pair on its way out: one being deleted, or one a gateway
+                    # moved into the link group to delete and then stopped (the next
+                    # deletion of the group would take it along). Made anew instead.
                     ours = (
                         link is not None
                         and link.kind == "veth"
                         and (link.mac or "").lower() == plan.mac
+                        and link.group != self.settings.link_group
+                        and plan.veth not in self.dp._dying
                     )
                     if ours and link is not None:
                         if session is None:
@@ -1282,26 +1288,19 @@ class _Reconciliation:
         for mark in marks:
             self.change(describe(mark) if add else f"{describe(mark)} removed")
 
-    async def _remove_veths(self, veths: list[str], what: str) -> list[str]:
-        """Delete veth pairs together; those deleted."""
-        removed = []
-        for name, failure in zip(veths, await self.dp._delete_together(veths), strict=True):
-            if isinstance(failure, DataplaneError):
-                self.fail(f"removing {name}", failure)
-            elif failure is not None:
-                raise failure
-            else:
-                self.change(f"{what} {name} removed")
-                removed.append(name)
-        return removed
-
     async def _remove_stale(self, links: dict[str, Link], running: list[InterfaceRef]) -> None:
         dp = self.dp
         # A pair being deleted is on its way out already.
         wanted_veths = {p.veth for p in self.model.wires.values()} | set(dp._dying)
         wanted_tunnels = {t.plan.interface for t in self.model.tunnels.values()}
         stale = [n for n in links if self.naming.kind_of(n) == "veth" and n not in wanted_veths]
-        await self._remove_veths(stale, "stale wire")
+        for name, failure in zip(stale, await dp._delete_together(stale), strict=True):
+            if isinstance(failure, DataplaneError):
+                self.fail(f"removing {name}", failure)
+            elif failure is not None:
+                raise failure
+            else:
+                self.change(f"stale wire {name} removed")
         for name in links:
             if self.naming.kind_of(name) != "tunnel" or name in wanted_tunnels:
                 continue

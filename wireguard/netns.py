@@ -567,9 +567,12 @@ class Rtnl(NetlinkSession):
         if self._indexes is not None:
             for ifname in ifnames:
                 self._indexes.pop(ifname, None)
-        # One datagram: the kernel carries the requests out in order.
-        moves = [nl.set_group(ifname, group) for ifname in ifnames]
-        return (await self.batch([*moves, nl.delete_group(group)]))[:-1]
+        there: list[bool] = []
+        for start in range(0, len(ifnames), LINKS_AT_ONCE):
+            # One datagram: the kernel carries the requests out in order.
+            moves = [nl.set_group(n, group) for n in ifnames[start : start + LINKS_AT_ONCE]]
+            there += (await self.batch([*moves, nl.delete_group(group)]))[:-1]
+        return there
 
     # --- addresses -------------------------------------------------------------------
 
@@ -763,6 +766,11 @@ class Rtnl(NetlinkSession):
 
 
 _EXISTS = frozenset({errno.EEXIST})
+LINKS_AT_ONCE = 128
+"""Most links :meth:`Rtnl.delete_links` puts in one datagram. The kernel answers each
+request inside the send, and every answer holds about 1 KiB of the socket's receive
+buffer (208 KiB by default) until it is read: 400 requests overflowed it (ENOBUFS)."""
+
 _NO_LINK = frozenset({errno.ENODEV})
 _NO_ENTRY = frozenset({errno.ENOENT})
 _NO_ADDRESS = frozenset({errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV})

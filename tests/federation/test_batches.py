@@ -114,6 +114,29 @@ async def test_waiting_for_the_batcher_waits_for_later_items_too_and_cancels_not
     await batcher.wait()  # nothing out: at once
 
 
+async def test_waiting_for_the_batcher_covers_calls_that_start_while_it_waits() -> None:
+    releases = {"cluster2": asyncio.Event(), "cluster3": asyncio.Event()}
+
+    async def send(domain: str, items: list[str]) -> list[str]:
+        await releases[domain].wait()
+        return items
+
+    batcher: Batcher[str, str] = Batcher(send, 64)
+    first = asyncio.create_task(batcher.submit("cluster2", "a"))
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(batcher.wait())
+    await asyncio.sleep(0)
+    other = asyncio.create_task(batcher.submit("cluster3", "b"))  # a call of its own
+    await asyncio.sleep(0)
+    releases["cluster2"].set()
+    await first
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # the call to cluster3 is still out
+    releases["cluster3"].set()
+    await waiting
+    assert other.done() and other.result() == "b"
+
+
 async def test_each_waiter_gets_its_own_answer() -> None:
     peer = FakePeer()
     peer.drop = {"lost"}

@@ -14,6 +14,7 @@ import pytest
 from tests.hostcheck import host_snapshot, needs_root
 from wireguard.errors import CommandFailed, LinkNotFound, NamespaceNotFound, NetlinkFailed
 from wireguard.netns import (
+    LINKS_AT_ONCE,
     Rtnl,
     create_netns,
     delete_netns,
@@ -68,6 +69,19 @@ async def test_links_deleted_together_take_their_peers_and_nothing_else(
         assert await rtnl.delete_links(["never"], 0xFED6) == [False]  # an empty group
     async with Rtnl(b) as rtnl:
         assert {link.name for link in await rtnl.links()} == {"lo", "kept-peer"}
+
+
+async def test_more_links_than_fit_one_datagram_are_deleted_too(pair: tuple[str, str]) -> None:
+    """Every request in a datagram is answered into the socket's receive buffer before
+    any is read: a few hundred at once overflowed it."""
+    a, b = pair
+    count = 2 * LINKS_AT_ONCE + 10
+    async with Rtnl(a) as rtnl:
+        for n in range(0, count, 2):
+            await rtnl.add_veth(f"many{n}", f"peer{n}", b)
+        done = await rtnl.delete_links([f"many{n}" for n in range(count)], 0xFED6)
+        assert done == [n % 2 == 0 for n in range(count)]
+        assert {link.name for link in await rtnl.links()} == {"lo"}
 
 
 async def test_veth_across_namespaces_carries_ping(pair: tuple[str, str]) -> None:
