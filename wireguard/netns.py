@@ -567,11 +567,14 @@ class Rtnl(NetlinkSession):
         if self._indexes is not None:
             for ifname in ifnames:
                 self._indexes.pop(ifname, None)
+        # A link that is not there (ENODEV) counts as gone, and so does an empty group.
+        delete = replace(nl.delete_group(group), ignore=_NO_LINK)
         there: list[bool] = []
         for start in range(0, len(ifnames), LINKS_AT_ONCE):
             # One datagram: the kernel carries the requests out in order.
-            moves = [nl.set_group(n, group) for n in ifnames[start : start + LINKS_AT_ONCE]]
-            there += (await self.batch([*moves, nl.delete_group(group)]))[:-1]
+            chunk = ifnames[start : start + LINKS_AT_ONCE]
+            moves = [replace(nl.set_group(n, group), ignore=_NO_LINK) for n in chunk]
+            there += (await self.batch([*moves, delete]))[:-1]
         return there
 
     # --- addresses -------------------------------------------------------------------

@@ -412,21 +412,17 @@ def delete_link(index: int, name: str) -> Request:
 
 
 def set_group(name: str, group: int) -> Request:
-    """Move link ``name`` into link group ``group``. The link is found by its name (in
-    the same request), and one that is not there counts as done."""
+    """Move link ``name`` into link group ``group``; the link is found by its name, in
+    the same request."""
     body = _ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_GROUP, group)
-    return Request(RTM_SETLINK, 0, body, f"move {name} into link group {group}", _NO_DEVICE)
+    return Request(RTM_SETLINK, 0, body, f"move {name} into link group {group}")
 
 
 def delete_group(group: int) -> Request:
     """Delete every link of group ``group`` at once: the kernel unregisters them as one
-    batch and waits for its RCU grace periods once, not once for each link. An empty
-    group counts as done."""
+    batch and waits for its RCU grace periods once, not once for each link."""
     body = _ifinfo() + attr_u32(IFLA_GROUP, group)
-    return Request(RTM_DELLINK, 0, body, f"delete link group {group}", _NO_DEVICE, sleeps=True)
-
-
-_NO_DEVICE = frozenset({errno.ENODEV})
+    return Request(RTM_DELLINK, 0, body, f"delete link group {group}", sleeps=True)
 
 
 @dataclass(frozen=True, slots=True)
