@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -34,10 +35,14 @@ from spire_integration import BuiltinCA, SpiffeId, TrustBundle, client_context
 FEDGW = str(Path(sys.executable).with_name("fedgw"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: each socket stays bound until all are picked, or the
+    kernel could pick one port twice."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -106,7 +111,7 @@ async def main() -> None:
         peer_ca = BuiltinCA("cluster2", work / "cluster2-ca")
         peer_svid = peer_ca.issue_svid()
         (work / "cluster2.json").write_text(peer_ca.bundle().to_json())
-        http_port, tls_port = free_port(), free_port()
+        http_port, tls_port = free_ports(2)
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")}
         proc = await asyncio.create_subprocess_exec(
             FEDGW, "gateway", "serve", "--domain", "cluster1", "--state-dir", str(work / "state"),

@@ -9,6 +9,7 @@ import getpass
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,24 @@ from gateway.store.sqlite import SqliteStore
 pytest_plugins = ["clusters.pytest_plugin"]
 
 FEDGW = str(Path(sys.executable).with_name("fedgw"))
+
+# Every loopback port free_port has handed out in this run, by socket type.
+_ports_given: set[tuple[socket.SocketKind, int]] = set()
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing is bound to, never the same one twice in a run.
+
+    The kernel picks a free port at random, so two picked one after the other (a
+    gateway's federation API and its bundle endpoint, say) can be the same once the
+    first is let go: a CI run failed on that."""
+    while True:
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if (kind, port) not in _ports_given:
+            _ports_given.add((kind, port))
+            return port
 
 
 @pytest.hookimpl(trylast=True)

@@ -19,13 +19,7 @@ import pytest
 
 from federation.tokens import FederationToken
 from spire_integration import BuiltinCA
-from tests.conftest import GatewayProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import GatewayProcess, free_port
 
 
 class Gw(GatewayProcess):
@@ -287,7 +281,7 @@ async def dnsmasq_srv() -> AsyncIterator[Callable[[str, int], Awaitable[int]]]:
     procs: list[asyncio.subprocess.Process] = []
 
     async def start(domain: str, port: int) -> int:
-        dns_port = free_port_udp()
+        dns_port = free_port(socket.SOCK_DGRAM)
         proc = await asyncio.create_subprocess_exec(
             "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--bind-interfaces",
             "--listen-address=127.0.0.1", f"--port={dns_port}", "--user=root", "--pid-file",
@@ -305,12 +299,6 @@ async def dnsmasq_srv() -> AsyncIterator[Callable[[str, int], Awaitable[int]]]:
         for proc in procs:
             proc.terminate()
             await proc.wait()
-
-
-def free_port_udp() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_dns_srv_finds_a_federated_domain_without_a_peer_entry(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -27,13 +26,7 @@ from spire_integration import SpiffeId, TrustBundle, validate_svid
 from spire_integration.bundle import BundleSet
 from spire_integration.source import SourceState
 from spire_integration.svid import X509Svid
-from tests.conftest import FEDGW, InProcessGateway, gateway_settings, start_gateway
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import FEDGW, InProcessGateway, free_port, gateway_settings, start_gateway
 
 
 async def federating_gateway(base: Path, domain: str) -> InProcessGateway:

@@ -11,19 +11,14 @@ import pytest
 
 from federation.errors import PeerUnreachable, UnknownDomain
 from federation.resolve import DomainResolver, _pick
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def dnsmasq() -> AsyncIterator[tuple[str, int]]:
-    port = free_udp_port()
+    port = free_port(socket.SOCK_DGRAM)
     proc = await asyncio.create_subprocess_exec(
         "dnsmasq", "--keep-in-foreground", "--no-daemon", "--no-resolv", "--no-hosts",
         "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={port}",
@@ -80,7 +75,7 @@ async def test_missing_records(dnsmasq: tuple[str, int]) -> None:
 
 
 async def test_dns_server_down() -> None:
-    r = resolver(("127.0.0.1", free_udp_port()), {}, {"cluster2"})
+    r = resolver(("127.0.0.1", free_port(socket.SOCK_DGRAM)), {}, {"cluster2"})
     with pytest.raises(PeerUnreachable, match=r"DNS lookup of _fedgw\._tcp\.cluster2 failed"):
         await r.resolve("cluster2")
 

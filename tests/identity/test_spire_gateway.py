@@ -10,8 +10,8 @@ import pytest
 
 from gateway.errors import SettingsError
 from spire_integration.ca import BuiltinCA
-from tests.conftest import gateway_settings, start_gateway
-from tests.federation.test_mtls_gateway import federating_gateway, free_port, url
+from tests.conftest import free_port, gateway_settings, start_gateway
+from tests.federation.test_mtls_gateway import federating_gateway, url
 from tests.identity.conftest import FakeWorkloadApi, svid_response
 
 
