@@ -54,6 +54,28 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
             return port
 
 
+async def udp_listening(port: int, proc: asyncio.subprocess.Process, within: float = 10) -> None:
+    """Wait until ``proc`` (a DNS server, say) listens on UDP 127.0.0.1:``port``: until
+    then a query is refused at once. Read from /proc/net/udp: binding the port to test
+    it would take it from the server for that moment."""
+    wanted = f"0100007F:{port:04X}"  # how /proc writes 127.0.0.1:port
+    async with asyncio.timeout(within):
+        while True:
+            assert proc.returncode is None, "the server exited"
+            table = await asyncio.to_thread(Path("/proc/net/udp").read_text)
+            if any(line.split()[1] == wanted for line in table.splitlines()[1:]):
+                return
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture(autouse=True)
+def _no_fedgw_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings and the CLI read FEDGW_* variables: one left exported in the shell that
+    runs the tests would change what the tests run (and their subprocesses)."""
+    for key in [k for k in os.environ if k.startswith("FEDGW_")]:
+        monkeypatch.delenv(key)
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """After a green run pytest removes its temporary directories, but not the per-user

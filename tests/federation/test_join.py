@@ -19,7 +19,7 @@ import pytest
 
 from federation.tokens import FederationToken
 from spire_integration import BuiltinCA
-from tests.conftest import GatewayProcess, free_port
+from tests.conftest import GatewayProcess, free_port, udp_listening
 
 
 class Gw(GatewayProcess):
@@ -290,7 +290,7 @@ async def dnsmasq_srv() -> AsyncIterator[Callable[[str, int], Awaitable[int]]]:
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         procs.append(proc)
-        await asyncio.sleep(0.3)
+        await udp_listening(dns_port, proc)
         return dns_port
 
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from federation.errors import PeerUnreachable, UnknownDomain
 from federation.resolve import DomainResolver, _pick
-from tests.conftest import free_port
+from tests.conftest import free_port, udp_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="dnsmasq is not installed")
 
@@ -34,8 +34,7 @@ async def dnsmasq() -> AsyncIterator[tuple[str, int]]:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await asyncio.sleep(0.3)
-        assert proc.returncode is None, "dnsmasq did not start"
+        await udp_listening(port, proc)
         yield "127.0.0.1", port
     finally:
         proc.terminate()

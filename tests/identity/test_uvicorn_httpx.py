@@ -154,7 +154,8 @@ async def test_a_stopping_server_does_not_wait_for_idle_kept_alive_clients(
                 async with uvicorn_server(tls) as url:
                     assert (await client.get(url + "/")).json() == {"peer": str(GW2)}
                     started = time.monotonic()  # the block's end stops the server
-                assert time.monotonic() - started < 1.0
+                # Unfixed, it waits for the client until the 10 s wait_for gives up.
+                assert time.monotonic() - started < 5.0
                 # The pool notices its connection went away: nothing to answer now.
                 with pytest.raises(httpx.ConnectError):
                     await client.get(url + "/")

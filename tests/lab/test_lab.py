@@ -210,7 +210,7 @@ async def test_killed_up_is_cleaned_by_down() -> None:
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     # Kill it once it has started the gateways, before it saw them healthy.
-    for _ in range(400):
+    for _ in range(3000):
         if list(LabLayout(name).dir.glob("*/gateway.pid")):
             break
         await asyncio.sleep(0.01)

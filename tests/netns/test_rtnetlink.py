@@ -190,12 +190,16 @@ def test_deleting_a_link_does_not_stop_the_event_loop() -> None:
     that send runs in a worker thread, and the loop keeps going meanwhile. Under
     uvloop, as the gateway runs (there a blocking send stops the loop; the standard
     loop happens not to show it)."""
-    each, longest = uvloop.run(_delete_links_while_ticking())
-    assert longest < each / 2, (each, longest)
+    each, gaps = uvloop.run(_delete_links_while_ticking())
+    # A blocking send would stop the loop once per deletion, four times; one long gap
+    # alone is the machine (a preemption, a collection), not the send.
+    stops = [gap for gap in gaps if gap >= each / 2]
+    assert len(stops) <= 1, (each, stops)
 
 
-async def _delete_links_while_ticking() -> tuple[float, float]:
-    """Seconds each of four link deletions took, and the longest the loop stood still."""
+async def _delete_links_while_ticking() -> tuple[float, list[float]]:
+    """Seconds each of four link deletions took, and how long each pass of the loop
+    took meanwhile."""
     sock = await _socket()
     gaps: list[float] = []
 
@@ -223,4 +227,4 @@ async def _delete_links_while_ticking() -> tuple[float, float]:
         ticker.cancel()
     finally:
         sock.close()
-    return each, max(gaps)
+    return each, gaps

@@ -805,7 +805,9 @@ async def test_a_workload_given_by_pid(dlab: DataplaneLab) -> None:
     proc.kill()
     await proc.wait()
     [wire] = (await p.a.dataplane.state()).wires
-    for _ in range(50):
+    # The kernel takes namespaces apart on one work queue, shared with every other
+    # namespace being deleted: seconds, at times.
+    for _ in range(600):
         async with Rtnl(p.a.netns) as rtnl:
             if await rtnl.find(wire.gateway_interface) is None:
                 break
@@ -1124,7 +1126,7 @@ async def test_a_peer_behind_nat_is_found_by_its_keepalives(dlab: DataplaneLab) 
     await a.dataplane.ensure_peer(a.tunnel_to(b, persistent_keepalive=1))
     p = Pair(a, b, await dlab.workload("c"), await dlab.workload("e", service=SERVICE_ADDRESS))
     await p.attach(*p.wires())
-    for _ in range(40):  # the first keepalive makes the handshake
+    for _ in range(150):  # the first keepalive makes the handshake (retried in 5 s)
         [peer_b] = (await b.dataplane.state()).peers
         if peer_b.endpoint is not None:
             break
@@ -1181,9 +1183,9 @@ async def test_a_rotated_key_keeps_the_wires(dlab: DataplaneLab) -> None:
     assert row[0] == str(p.b.key.public_key())  # the old peer is gone
     # When both sides change within milliseconds, wireguard-go may drop the first
     # handshake and retry it after REKEY_TIMEOUT (5 s); traffic must flow by then.
-    deadline = time.monotonic() + 7
+    deadline = time.monotonic() + 20
     while await ping(p.client, SERVICE_ADDRESS, count=1) != (1, 1):
-        assert time.monotonic() < deadline, "no traffic 7 s after the key rotation"
+        assert time.monotonic() < deadline, "no traffic 20 s after the key rotation"
     assert await ping(p.client, SERVICE_ADDRESS, count=2) == (2, 2)
     # A second tunnel cannot take a port that one uses already.
     d = await dlab.gateway("d")

@@ -180,7 +180,8 @@ async def test_big_ipv6_pools_and_wide_exclusions_are_cheap() -> None:
     started = time.perf_counter()
     pair = await ipam.allocate("fd00::/48", "c", exclude=["fd00::/49"])
     assert pair.network == ipaddress.ip_network("fd00:0:0:8000::/127")
-    assert time.perf_counter() - started < 0.05
+    # Milliseconds; walking the pool address by address would take longer than the run.
+    assert time.perf_counter() - started < 1.0
 
 
 async def test_bad_input_is_rejected() -> None:
