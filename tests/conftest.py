@@ -58,7 +58,9 @@ async def udp_listening(port: int, proc: asyncio.subprocess.Process, within: flo
     """Wait until ``proc`` (a DNS server, say) listens on UDP 127.0.0.1:``port``: until
     then a query is refused at once. Read from /proc/net/udp: binding the port to test
     it would take it from the server for that moment."""
-    wanted = f"0100007F:{port:04X}"  # how /proc writes 127.0.0.1:port
+    # /proc writes the address as the hex of the number its four bytes make in memory.
+    address = int.from_bytes(socket.inet_aton("127.0.0.1"), sys.byteorder)
+    wanted = f"{address:08X}:{port:04X}"
     async with asyncio.timeout(within):
         while True:
             assert proc.returncode is None, "the server exited"
