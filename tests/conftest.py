@@ -196,7 +196,6 @@ class GatewayProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={k: v for k, v in os.environ.items() if not k.startswith("FEDGW_")},
             )
         try:
             self._wait_healthy(20)
