@@ -289,6 +289,9 @@ class Ledger:
                 self._objects[key] = (held[0], held[1] + 1)
         return new
 
+    def holds(self, obj: GatewayObject) -> bool:
+        return object_key(obj) in self._objects
+
     def release(self, objects: Iterable[GatewayObject]) -> list[GatewayObject]:
         """Count ``objects`` out; those nobody wants any more."""
         gone = []

@@ -32,7 +32,13 @@ from wireguard.drivers import (
     UserspaceSettings,
 )
 from wireguard.drivers.uapi import SOCKET_DIR
-from wireguard.errors import CommandFailed, UnknownPeer, WireConflict
+from wireguard.errors import (
+    CommandFailed,
+    NamespaceNotFound,
+    NetlinkFailed,
+    UnknownPeer,
+    WireConflict,
+)
 from wireguard.keys import PrivateKey
 from wireguard.netns import (
     Interface,
@@ -686,6 +692,146 @@ async def test_a_group_that_cannot_be_deleted_whole_is_deleted_one_by_one(
         [lo] = await rtnl.link_details("lo")
     assert lo.up
     assert "one by one" in caplog.text
+
+
+async def test_wires_asked_for_together_are_attached_together(
+    dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wires asked for while the data plane is busy go in together: one WireGuard write
+    for all their prefixes. In that group, a wire whose namespace does not exist and one
+    whose interface name is taken fail on their own; the others carry traffic and the
+    failed ones leave nothing."""
+    p = await two_domains(dlab)
+    await p.attach(*p.wires())  # nsm0 in the client
+    # No offered routes: they would all lead to 10.60.0.0/16 in the one client.
+    good = [p.wires(f"conn-{n}", n, ifname=f"nsm{n}", routes=()) for n in range(2, 6)]
+    for _, ew in good:
+        await p.b.dataplane.attach_endpoint(ew)
+    no_netns, _ = p.wires("conn-8", 8, client=f"fgwd-{dlab.tag}-nothere", ifname="nsm8")
+    name_taken, _ = p.wires("conn-9", 9)  # nsm0 again
+    writes: list[int] = []
+    add_allowed_ips = p.a.dataplane.driver.add_allowed_ips
+
+    async def counted(*args: Any, **kwargs: Any) -> None:
+        writes.append(len(args[2]))
+        await add_allowed_ips(*args, **kwargs)
+
+    monkeypatch.setattr(p.a.dataplane.driver, "add_allowed_ips", counted)
+    dp = p.a.dataplane
+    wires = [good[0][0], no_netns, good[1][0], name_taken, good[2][0], good[3][0]]
+    async with dp._lock:  # busy: the requests queue up meanwhile
+        attaching = [asyncio.create_task(dp.attach_client(w)) for w in wires]
+        await asyncio.sleep(0.1)
+    results = await asyncio.gather(*attaching, return_exceptions=True)
+
+    assert isinstance(results[1], NamespaceNotFound), results[1]
+    assert isinstance(results[3], WireConflict) and "exists" in str(results[3]), results[3]
+    assert [r.connection_id for r in results if not isinstance(r, BaseException)] == [
+        "conn-2",
+        "conn-3",
+        "conn-4",
+        "conn-5",
+    ]
+    assert writes == [4]  # each good wire's endpoint address, in one write
+    for _, ew in good:
+        assert await ping(p.client, str(ew.address.ip), count=1) == (1, 1)
+    assert await ping(p.client, SERVICE_ADDRESS, count=1) == (1, 1)
+    state = await dp.state()
+    assert sorted(w.connection_id for w in state.wires) == [f"conn-{n}" for n in range(1, 6)]
+    async with Rtnl(p.a.netns) as rtnl:
+        assert await rtnl.find(dp.naming.veth("conn-9", "client")) is None
+        assert await rtnl.find(dp.naming.veth("conn-8", "client")) is None
+    report = await dp.reconcile(
+        DesiredState(peers=[p.a.tunnel_to(p.b)], wires=[p.wires()[0], *(cw for cw, _ in good)])
+    )
+    assert report.changes == []  # what the failures left equals what is wanted
+
+
+async def test_a_group_that_fails_together_is_tried_wire_by_wire(
+    dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step the wires of a group take together fails (here nftables refuses one
+    wire's marks): everything of the group is undone, then each wire is tried alone, so
+    that only the one at fault fails and the others work."""
+    p = await two_domains(dlab)
+    dp = p.a.dataplane
+    wires = [p.wires(f"conn-{n}", n, ifname=f"nsm{n}") for n in range(1, 4)]
+    for _, ew in wires:
+        await p.b.dataplane.attach_endpoint(ew)
+    faulty = dp.naming.veth("conn-2", "client")
+    add_marks = dp.nft.add
+    tries: list[int] = []
+
+    async def refusing(marks: Any) -> None:
+        marks = list(marks)
+        tries.append(len({m.iif for m in marks}))
+        if any(m.iif == faulty for m in marks):
+            raise NetlinkFailed("injected: nftables refuses", errno=22)
+        await add_marks(marks)
+
+    monkeypatch.setattr(dp.nft, "add", refusing)
+    async with dp._lock:
+        attaching = [asyncio.create_task(dp.attach_client(cw)) for cw, _ in wires]
+        await asyncio.sleep(0.1)
+    results = await asyncio.gather(*attaching, return_exceptions=True)
+
+    assert tries == [3, 1, 1, 1]  # together, then each alone
+    assert isinstance(results[1], NetlinkFailed), results[1]
+    assert [r.connection_id for r in results if not isinstance(r, BaseException)] == [
+        "conn-1",
+        "conn-3",
+    ]
+    for n in (0, 2):
+        assert await ping(p.client, str(wires[n][1].address.ip), count=1) == (1, 1)
+    [peer] = (await dp.state()).peers
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.0.2/32", "172.16.0.6/32"]
+    async with Rtnl(p.client) as rtnl:
+        assert await rtnl.find("nsm2") is None
+    async with Rtnl(p.a.netns) as rtnl:
+        assert await rtnl.find(faulty) is None
+
+
+async def test_an_attach_given_up_during_its_group_leaves_nothing(
+    dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller cancelled while its wire is being made with others: the others are
+    attached, and the given-up wire is taken off again before the cancellation reaches
+    the caller, as an attach cancelled on its own always left nothing."""
+    p = await two_domains(dlab)
+    dp = p.a.dataplane
+    (kept, kept_e), (given_up, given_up_e) = (
+        p.wires(f"conn-{n}", n, ifname=f"nsm{n}") for n in (1, 2)
+    )
+    await p.b.dataplane.attach_endpoint(kept_e)
+    await p.b.dataplane.attach_endpoint(given_up_e)
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    create_veth = dp._create_veth
+
+    async def held(plan: Any) -> None:
+        await create_veth(plan)
+        if plan.wire.connection_id == "conn-2":
+            reached.set()
+            await go_on.wait()
+
+    monkeypatch.setattr(dp, "_create_veth", held)
+    async with dp._lock:
+        keeping = asyncio.create_task(dp.attach_client(kept))
+        giving_up = asyncio.create_task(dp.attach_client(given_up))
+        await asyncio.sleep(0.1)
+    async with asyncio.timeout(10):
+        await reached.wait()
+    giving_up.cancel()
+    await asyncio.sleep(0.1)
+    go_on.set()
+    assert (await keeping).connection_id == "conn-1"
+    with pytest.raises(asyncio.CancelledError):
+        await giving_up
+    assert [w.connection_id for w in (await dp.state()).wires] == ["conn-1"]
+    async with Rtnl(p.client) as rtnl:
+        assert await rtnl.find("nsm2") is None
+    [peer] = (await dp.state()).peers
+    assert peer.allowed_ips == ["10.60.0.0/16", "172.16.0.2/32"]
+    assert await ping(p.client, str(kept_e.address.ip), count=1) == (1, 1)
 
 
 async def test_two_peers_handing_out_the_same_prefixes_both_work(dlab: DataplaneLab) -> None:
