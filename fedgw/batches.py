@@ -2,7 +2,8 @@
 the items that arrive queue up and go together in the next call. An item that finds a
 call free leaves at once, so batching never adds a wait of its own; under load, the
 fixed cost of a call is shared by all it carries. Calls to a peer carry connection
-offers and closes this way; the data plane deletes veth pairs this way."""
+offers and closes this way; the data plane attaches wires and deletes veth pairs this
+way."""
 
 from __future__ import annotations
 
