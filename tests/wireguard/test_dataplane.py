@@ -747,6 +747,28 @@ async def test_wires_asked_for_together_are_attached_together(
     assert report.changes == []  # what the failures left equals what is wanted
 
 
+async def test_one_wire_asked_for_twice_in_a_group(dlab: DataplaneLab) -> None:
+    """The same wire asked for twice at once is made once, and both callers get it; a
+    changed version of it asked for in the same group replaces it afterwards."""
+    p = await two_domains(dlab)
+    dp = p.a.dataplane
+    cw, ew = p.wires()
+    changed, _ = p.wires(routes=())
+    await p.b.dataplane.attach_endpoint(ew)
+    async with dp._lock:
+        attaching = [asyncio.create_task(dp.attach_client(w)) for w in (cw, cw, changed)]
+        await asyncio.sleep(0.1)
+    first, again, last = await asyncio.gather(*attaching)
+    assert first.gateway_interface == again.gateway_interface == last.gateway_interface
+    assert first.routes == again.routes == ["10.60.0.0/16"]
+    assert last.routes == []
+    [wire] = (await dp.state()).wires
+    assert wire.routes == []
+    [peer] = (await dp.state()).peers
+    assert peer.allowed_ips == ["172.16.1.0/32"]
+    assert await ping(p.client, str(ENDPOINT_ADDRESS.ip), count=1) == (1, 1)
+
+
 async def test_a_group_that_fails_together_is_tried_wire_by_wire(
     dlab: DataplaneLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
