@@ -298,7 +298,7 @@ class _Planned:
     """A wire of a group, planned and counted into the ledger."""
 
     index: int
-    job: _Attach
+    """The wire's place among the group's requests."""
     plan: WirePlan
     assigned: list[TableKey]
     new: list[GatewayObject]
@@ -755,13 +755,13 @@ class Dataplane:
         results: list[WireStatus | Exception | None] = [None] * len(jobs)
         planned: list[_Planned] = []  # every wire planned, failed or not
         group: list[_Planned] = []  # those still on their way
-        alone: list[tuple[int, _Attach]] = []  # each tried after, as a group of one
+        alone: list[int] = []  # each tried after, as a group of one
         keys: set[tuple[str, Role]] = set()
         try:
             for i, job in enumerate(jobs):
                 key = wire_key(job.wire)
                 if key in keys:
-                    alone.append((i, job))  # the same wire again: after the first
+                    alone.append(i)  # the same wire again: after the first
                     continue
                 keys.add(key)
                 existing = model.wires.get(key)
@@ -775,25 +775,28 @@ class Dataplane:
                 except Exception as exc:
                     results[i] = exc
                     continue
-                p = _Planned(i, job, plan, assigned, model.ledger.acquire(plan.objects))
+                p = _Planned(i, plan, assigned, model.ledger.acquire(plan.objects))
                 planned.append(p)
                 group.append(p)
             with self.rtnl.remembering_indexes():
-                for p in list(group):
+                failed: list[_Planned] = []
+                for p in group:
                     try:
                         await self._remember_tunnel(p.plan.wire)
                     except Exception as exc:
                         results[p.index] = exc
-                        await self._shielded(self._undo_wires([p], group))
+                        failed.append(p)
+                await self._shielded(self._undo_wires(failed, group))
                 made = await asyncio.gather(
                     *(self._create_veth(p.plan) for p in group), return_exceptions=True
                 )
-                for p, failure in list(zip(group, made, strict=True)):
+                for p, failure in zip(group, made, strict=True):
                     if isinstance(failure, Exception):
                         results[p.index] = failure
-                        await self._shielded(self._undo_wires([p], group))
                     elif failure is not None:
                         raise failure
+                failed = [p for p, failure in zip(group, made, strict=True) if failure]
+                await self._shielded(self._undo_wires(failed, group))
                 if group:
                     # What the wires brought that is new and still wanted: a failed
                     # wire's shares belong to the others now.
@@ -805,7 +808,7 @@ class Dataplane:
                         if len(group) == 1:
                             results[group[0].index] = exc
                         else:
-                            alone = [(p.index, p.job) for p in group] + alone
+                            alone = [p.index for p in group] + alone
                         await self._shielded(self._undo_wires(list(group), group))
         except BaseException:
             self._tunnel_indexes.clear()
@@ -813,10 +816,10 @@ class Dataplane:
             raise
         for p in group:
             model.add_wire(p.plan)
-            p.job.plan = p.plan
+            jobs[p.index].plan = p.plan
             results[p.index] = self._wire_status(p.plan, model)
-        for i, job in alone:
-            [results[i]] = await self._attach_together([job])
+        for i in alone:
+            [results[i]] = await self._attach_together([jobs[i]])
         done = [r for r in results if r is not None]
         assert len(done) == len(jobs), "every wire of a group has an outcome"
         return done
