@@ -202,6 +202,12 @@ class ConnectionManager:
                 # would let the peer's leases run out, and its connections would heal
                 # onto new addresses.
                 self._schedule_refresh(record.peer, c.expires_at.timestamp())
+        # Addresses claimed for a connection that never got stored: the gateway stopped
+        # while making it (see _track).
+        for owner in sorted(await self.ipam.owners()):
+            if self._connections.get(owner) is None:
+                await self.ipam.release(owner)
+                log.info("released the addresses of unfinished connection %s", owner)
         for tunnel in await self._tunnel_records.all():
             self._tunnels[tunnel.domain] = tunnel
         if self._make_dataplane is not None and (self._connections or self._tunnels):
@@ -464,6 +470,15 @@ class ConnectionManager:
         if event is not None:
             self._publish(event, record.connection)
 
+    def _track(self, record: ConnectionRecord) -> None:
+        """A connection being made: known in memory (its interface names are taken, it is
+        listed and reconciled) but not stored until it is up. A restart before that loses
+        only a request no one was answered: reconciliation removes its wires, :meth:`load`
+        its address claim, and the peer's side runs out with its lease. Saving it sooner
+        would put a store commit on every connection's path, on both gateways."""
+        self._connections.put(record)
+        self._publish(EventType.ADDED, record.connection)
+
     def _publish(self, type_: EventType, connection: Connection) -> None:
         self._bus.publish(
             Event(
@@ -523,7 +538,7 @@ class ConnectionManager:
             exclude=[*self._exclude, *request.exclude],
         )
         async with self._lock(connection.id):
-            await self._save(record, EventType.ADDED)
+            self._track(record)
             try:
                 if record.role == "local":
                     record = await self._connect_local(record, prefer=None)
@@ -849,7 +864,7 @@ class ConnectionManager:
                 endpoint_interface=self._connections.free_interface(endpoint.workload),
                 pool=endpoint.pool,
             )
-            await self._save(record, EventType.ADDED)
+            self._track(record)
             try:
                 await self._connect_tunnel(caller, offer.wireguard)
                 await self._wire(record)

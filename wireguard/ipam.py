@@ -463,6 +463,12 @@ class Ipam:
             for index in sorted(indexes)
         ]
 
+    async def owners(self) -> set[str]:
+        """Everyone holding a pair, in any pool."""
+        await self._load()
+        held = {o for o, pools in self._owners.items() if any(pools.values())}
+        return held | {c.owner for claims in self._stored.values() for _, c in claims if c.owner}
+
     async def allocations(self, pool: Network | str) -> list[AddressPair]:
         """Every pair claimed from ``pool``, in address order."""
         await self._load()

@@ -1,27 +1,29 @@
 """The connection manager's use of its data plane: opened, and each peer's tunnel
 started, ahead of the first connection once there may be one; a tunnel made sure of once
 per change, not once per connection of a burst; closes that complete when the kernel
-refuses part of them, and closes asked for in a batch. A recording stand-in takes the
-data plane's place."""
+refuses part of them, and closes asked for in a batch; a connection stored only once it is
+up, and the addresses of one that never got there given back at the next start. A
+recording stand-in takes the data plane's place."""
 
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
 
-from federation.models import WireGuardInfo
+from federation.models import ConnectionGrant, ConnectionOffer, WireGuardInfo
 from fedgw.clock import ManualClock
 from fedgw.errors import NotFound
 from fedgw.models import ConnectionState, Workload
-from gateway.connections import ConnectionManager
+from gateway.connections import ConnectionManager, ConnectionRequest
 from gateway.events import EventBus
 from gateway.store.memory import MemoryStore
 from gateway.workloads import WorkloadProbe
-from tests.unit.test_connection_table import record
+from tests.unit.test_connection_table import NOW, record
 from wireguard.dataplane import Dataplane, DesiredState, ReconcileReport
 from wireguard.errors import DataplaneError
 from wireguard.keys import PrivateKey
@@ -39,6 +41,7 @@ class RecordingDataplane:
         self.fail_ensure = fail_ensure
         self.detached: list[str] = []
         self.reconciled: list[DesiredState] = []
+        self.attached: list[str] = []
 
     async def open(self) -> None:
         self.opened += 1
@@ -54,6 +57,9 @@ class RecordingDataplane:
     async def peers(self, *, allowed_ips: bool = True) -> list[object]:
         return []  # the tick's look at the tunnels' counters: none
 
+    async def attach_client(self, wire: Any) -> None:
+        self.attached.append(wire.connection_id)
+
     async def detach(self, connection_id: str) -> bool:
         self.detached.append(connection_id)
         if self.fail_detach:
@@ -68,8 +74,15 @@ class RecordingDataplane:
 class World:
     """A manager with no peers and no endpoints until a test gives it some."""
 
-    def __init__(self, dataplane: RecordingDataplane) -> None:
+    def __init__(
+        self,
+        dataplane: RecordingDataplane,
+        *,
+        store: MemoryStore | None = None,
+        netns_dir: Path = Path("/nonexistent/netns"),
+    ) -> None:
         self.dataplane = dataplane
+        self.store = store or MemoryStore()
         self.made = 0
         self.peers: list[str] = []
         self.endpoints = (0, 0)
@@ -81,18 +94,18 @@ class World:
         def peer(domain: str) -> SimpleNamespace | None:
             return SimpleNamespace(domain=domain) if domain in self.peers else None
 
-        federation = SimpleNamespace(
+        self.federation = SimpleNamespace(
             peers=SimpleNamespace(all=lambda: [peer(d) for d in self.peers], get=peer)
         )
         registry = SimpleNamespace(count_endpoints=lambda: self.endpoints)
         self.manager = ConnectionManager(
             domain="cluster1",
-            store=MemoryStore(),
+            store=self.store,
             registry=cast(Any, registry),
-            federation=cast(Any, federation),
+            federation=cast(Any, self.federation),
             bus=EventBus(),
             clock=ManualClock(),
-            probe=WorkloadProbe(Path("/nonexistent/netns"), Path("/nonexistent/proc")),
+            probe=WorkloadProbe(netns_dir, Path("/nonexistent/proc")),
             dataplane=make,
             private_key=PrivateKey.generate(),
             advertise="198.18.0.1",
@@ -242,3 +255,65 @@ async def test_a_batch_of_closes_closes_the_callers_connections_and_names_the_re
     answer = await manager.serve_closes("c", ["s3"])
     assert (answer.closed, answer.unknown) == ([], ["s3"])
     assert [r.connection.id for r in manager.all()] == ["s3"]
+
+
+async def test_a_connection_is_stored_once_it_is_up_not_while_it_is_being_made(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "c1").touch()  # the client's namespace, as the probe sees it
+    world = World(RecordingDataplane(), netns_dir=tmp_path)
+    offered: asyncio.Queue[ConnectionOffer] = asyncio.Queue()
+    answer = asyncio.Event()
+
+    async def offer(peer: str, o: ConnectionOffer) -> ConnectionGrant:
+        await offered.put(o)
+        await answer.wait()
+        return ConnectionGrant(
+            id=o.id, endpoint="vpn-gw-1", endpoint_address="172.16.1.2/31",
+            client_address="172.16.1.3/31", routes=[], wireguard=theirs(),
+            expires_at=NOW + timedelta(minutes=1),
+        )  # fmt: skip
+
+    async def resolve(peer: str) -> None:
+        return None
+
+    world.federation.offer = offer
+    world.federation.resolver = SimpleNamespace(resolve=resolve)
+    manager = world.manager
+    events = manager._bus.subscribe()
+    asked = ConnectionRequest.model_validate(
+        {"service": "vpn@cluster2", "workload": {"netns": "c1"}}
+    )
+    task = asyncio.create_task(manager.request(asked))
+    o = await offered.get()
+    # Being made: listed, announced, its interface name taken, but not in the store.
+    assert manager.get(o.id).connection.state is ConnectionState.REQUESTED
+    assert (await anext(events)).name == o.id
+    assert await world.store.scan(ConnectionManager.CONNECTIONS) == []
+
+    answer.set()
+    made = await task
+    assert made.connection.state is ConnectionState.UP
+    assert world.dataplane.attached == [o.id]
+    [stored] = await world.store.scan(ConnectionManager.CONNECTIONS)
+    assert (stored.key, '"state":"up"' in stored.value) == (o.id, True)
+
+
+async def test_addresses_of_a_connection_never_stored_are_given_back_at_start() -> None:
+    store = MemoryStore()
+    first = World(RecordingDataplane(), store=store)
+    kept = record("kept", "server", server=Workload(netns="nse1"), endpoint="e1",
+                  endpoint_interface="nsm0")  # fmt: skip
+    await first.manager._save(kept)
+    pool = "172.16.1.0/24"
+    kept_pair = await first.manager.ipam.allocate(pool, "kept")
+    await first.manager.ipam.allocate(pool, "unfinished")  # stopped before it was up
+    await first.manager.ipam.allocate("172.16.2.0/24", "unfinished")
+
+    again = World(RecordingDataplane(), store=store)
+    await again.manager.load()
+    ipam = again.manager.ipam
+    assert await ipam.owners() == {"kept"}
+    assert await ipam.lookup("unfinished") == []
+    assert await ipam.lookup("kept") == [kept_pair]
+    assert len(await store.scan("ipam")) == 1
