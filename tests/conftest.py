@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import getpass
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,19 +40,39 @@ FEDGW = str(Path(sys.executable).with_name("fedgw"))
 _ports_given: set[tuple[socket.SocketKind, int]] = set()
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out by itself (``bind`` to port 0, a connection's
+    source port)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
     """A loopback port nothing is bound to, never the same one twice in a run.
 
-    The kernel picks a free port at random, so two picked one after the other (a
-    gateway's federation API and its bundle endpoint, say) can be the same once the
-    first is let go: a CI run failed on that."""
-    while True:
+    Picked below the kernel's ephemeral range: a port there can be taken between this
+    check and its use only by a process that names it, never by the kernel for an
+    outgoing connection or a ``bind`` to port 0 (anyone's, this run's included: two
+    ports the kernel picked one after the other were once the same and failed a CI
+    run)."""
+    low = min(_ephemeral_low(), 65536)
+    start = max(1024, low - 12000)
+    if low <= start:
+        raise RuntimeError(f"the kernel's ephemeral ports start at {low}: no room below them")
+    for _ in range(1000):
+        port = start + secrets.randbelow(low - start)
+        if (kind, port) in _ports_given:
+            continue
         with socket.socket(socket.AF_INET, kind) as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if (kind, port) not in _ports_given:
-            _ports_given.add((kind, port))
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use
+        _ports_given.add((kind, port))
+        return port
+    raise RuntimeError(f"no free loopback port below {low}")
 
 
 async def udp_listening(port: int, proc: asyncio.subprocess.Process, within: float = 10) -> None:
