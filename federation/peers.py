@@ -16,6 +16,10 @@ from spire_integration.errors import IdentityError
 log = logging.getLogger(__name__)
 
 
+CONTACT_SAVED_EVERY = 60.0
+"""Seconds a peer's last successful contact may be ahead of the stored one."""
+
+
 class PeerTable:
     KIND = "peers"
 
@@ -24,6 +28,7 @@ class PeerTable:
         self._identity = identity
         self._clock = clock
         self._peers: dict[str, PeerRecord] = {}
+        self._saved_contact: dict[str, float] = {}  # when a contact was last stored
         self.changed = asyncio.Event()
         """Set when a peer is added or removed (the bundle refresher waits on it)."""
 
@@ -101,20 +106,33 @@ class PeerTable:
         record = self.require(domain)
         await self._records.delete(domain)
         del self._peers[domain]
+        self._saved_contact.pop(domain, None)
         self._identity.remove_bundle(domain)
         self.changed.set()
         return record
 
     async def contacted(self, domain: str, error: str | None = None) -> None:
-        """Record the outcome of a call to ``domain``."""
+        """Record the outcome of a call to ``domain``.
+
+        A change of state is stored at once. A later contact in the same state is only
+        shown (``fedgw peers``) and stored every :data:`CONTACT_SAVED_EVERY` seconds:
+        each call to a peer ends here, connection offers included, and a store commit
+        of the whole record (its bundle with it) would sit on their path."""
         record = self._peers.get(domain)
         if record is None:
             return
-        now = to_datetime(self._clock.now())
+        now = self._clock.now()
         if error is None:
-            update = {"last_contact": now, "state": "active", "last_error": None}
+            update = {"last_contact": to_datetime(now), "state": "active", "last_error": None}
         else:
             update = {"state": "unreachable", "last_error": error}
         changed = record.model_copy(update=update)
-        if changed != record:
-            await self.update(changed)
+        if changed == record:
+            return
+        same_state = (changed.state, changed.last_error) == (record.state, record.last_error)
+        saved = self._saved_contact.get(domain, float("-inf"))
+        if same_state and now - saved < CONTACT_SAVED_EVERY:
+            self._peers[domain] = changed
+            return
+        self._saved_contact[domain] = now
+        await self.update(changed)
