@@ -892,6 +892,8 @@ class Dataplane:
                     f"in {end.netns} already"
                 ) from exc
         try:
+            if not end.ipv6:
+                self.rtnl.disable_ipv6(plan.veth)
             async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:
@@ -1391,7 +1393,10 @@ class _Reconciliation:
             key=lambda r: (r.action != "goto", -r.priority),
         )
         stale: list[GatewayObject] = [*stale_rules]
-        stale += [r for r in routes if object_key(r) not in keys and r.kind != "local"]
+        # A route replaces the one of its table and destination only if their metrics
+        # agree; one with another metric (an older layout's) stays beside it.
+        metrics = {object_key(o): o.metric for o in want if isinstance(o, Route)}
+        stale += [r for r in routes if r.kind != "local" and metrics.get(object_key(r)) != r.metric]
         stale += [n for n in neighbours if object_key(n) not in keys]
         for obj in stale:
             try:

@@ -248,7 +248,8 @@ def describe(obj: GatewayObject) -> str:
         return describe_mark(obj)
     if isinstance(obj, Route):
         if obj.kind != "unicast":
-            return f"route {obj.kind} {obj.dst} table {obj.table}"
+            metric = f" metric {obj.metric}" if obj.metric else ""
+            return f"route {obj.kind} {obj.dst} table {obj.table}{metric}"
         via = f" via {obj.via}" if obj.via else ""
         return f"route {obj.dst}{via} dev {obj.dev} table {obj.table}"
     if isinstance(obj, Neighbour):
@@ -399,8 +400,12 @@ class Policy:
         return Route(dst, table, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
 
     def defaults(self, table: int, families: Families = BOTH) -> list[Route]:
+        # The kernel keeps IPv4 routes with the same attributes (type, protocol, metric,
+        # devices) in one hash chain, whatever their table, and walks it to add one: with
+        # a default like every other table's, each new table cost time in proportion to
+        # the tables there are. The table's number as the metric keeps the chains short.
         return [
-            self.route(dst, table, kind="unreachable")
+            self.route(dst, table, kind="unreachable", metric=table if dst.version == 4 else 0)
             for dst in DEFAULTS
             if dst.version in families
         ]
@@ -495,12 +500,12 @@ def plan_wire(
     ]
     if isinstance(wire, EndpointWire):
         objects += [policy.route(dst, table, dev=veth, via=own.ip) for dst in wire.routes]
+    families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
     if key[0] == "connection":
         # Only the IP versions the connection has: packets of the other one that are
         # marked for its table find no rule, and the bucket's or the range's blackhole
         # drops them. Half the rules and routes of an IPv4-only connection, and the
         # kernel walks the rules of a version in a list when it inserts one.
-        families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
         objects += [*policy.table_rules(table, families), *policy.defaults(table, families)]
     if wire.peer is not None:
         tunnel = naming.tunnel(wire.peer)
@@ -520,6 +525,7 @@ def plan_wire(
         address=own,
         next_hop=other.ip,
         routes=wire.routes if isinstance(wire, ClientWire) else (),
+        ipv6=6 in families,
     )
     return WirePlan(
         wire=wire,

@@ -59,7 +59,7 @@ RTEXT_FILTER_SKIP_STATS = 1 << 3  # dumps without the (large) counters
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
 
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 RTPROT_BOOT = 3
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RT_TABLE_COMPAT = 252  # rtm_table when the table id needs RTA_TABLE's 32 bits
@@ -512,12 +512,17 @@ class RouteSpec:
     via: Address | None = None
     kind: str = "unicast"
     protocol: int = 0
+    metric: int = 0
+    """IPv4 only; 0 for none (a deletion then matches any)."""
 
 
 def _rtmsg(spec: RouteSpec, *, deleting: bool) -> bytes:
     kind = ROUTE_TYPES.get(spec.kind)
     if kind is None:
         raise ValueError(f"route type {spec.kind!r} is not one of {sorted(ROUTE_TYPES)}")
+    if spec.metric and spec.dst.version != 4:
+        # Read back, an IPv6 route has the kernel's metric: it would never match.
+        raise ValueError(f"route {spec.dst}: a metric is for IPv4 routes only")
     flags = 0
     if deleting:
         scope = RT_SCOPE_NOWHERE  # matches a route of any scope
@@ -539,6 +544,8 @@ def _rtmsg(spec: RouteSpec, *, deleting: bool) -> bytes:
         body += attr_u32(RTA_OIF, spec.oif)
     if spec.via is not None:
         body += attr_addr(RTA_GATEWAY, spec.via)
+    if spec.metric:
+        body += attr_u32(RTA_PRIORITY, spec.metric)
     return body
 
 
@@ -585,6 +592,7 @@ def parse_route(payload: bytes) -> RouteSpec | None:
         via=ip(gateway) if gateway else None,
         kind=ROUTE_KINDS.get(kind, str(kind)),
         protocol=protocol,
+        metric=(u32(attrs.get(RTA_PRIORITY)) or 0) if version == 4 else 0,
     )
 
 

@@ -43,6 +43,18 @@ def test_a_route_of_an_unknown_type_is_refused() -> None:
         nl.replace_route(nl.RouteSpec(NETS[0], kind="teleport"))
 
 
+def test_an_ipv4_metric_parses_back_and_an_ipv6_one_is_refused() -> None:
+    v4, v6 = (next(n for n in NETS if n.version == v) for v in (4, 6))
+    spec = nl.RouteSpec(v4, table=100_001, kind="unreachable", protocol=99, metric=100_001)
+    assert nl.parse_route(_payload(nl.replace_route(spec))) == spec
+    assert nl.parse_route(_payload(nl.delete_route(spec))) == spec
+    # IPv6 routes are dumped with the kernel's metric (1024 unless told): not ours.
+    dumped = _payload(nl.replace_route(nl.RouteSpec(v6))) + nl.attr_u32(nl.RTA_PRIORITY, 1024)
+    assert nl.parse_route(dumped) == nl.RouteSpec(v6, protocol=nl.RTPROT_BOOT)
+    with pytest.raises(ValueError, match="IPv4 routes only"):
+        nl.replace_route(nl.RouteSpec(v6, metric=5))
+
+
 @pytest.mark.parametrize(
     "rule",
     [

@@ -242,7 +242,11 @@ def test_a_tables_rules_sit_behind_its_buckets() -> None:
 
 def unreachable(table: int, families: tuple[int, ...] = (4, 6)) -> set[Route]:
     defaults = {4: "0.0.0.0/0", 6: "::/0"}
-    return {Route(net(defaults[f]), table, kind="unreachable") for f in families}
+    # IPv4's has the table's number as its metric (see Policy.defaults).
+    return {
+        Route(net(defaults[f]), table, kind="unreachable", metric=table if f == 4 else 0)
+        for f in families
+    }
 
 
 def test_marks_number_the_tables_inside_the_mask() -> None:
