@@ -892,8 +892,6 @@ class Dataplane:
                     f"in {end.netns} already"
                 ) from exc
         try:
-            if not end.ipv6:
-                self.rtnl.disable_ipv6(plan.veth)
             async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:

@@ -38,8 +38,6 @@ IFNAMSIZ = 15  # usable characters of an interface name
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
-
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
@@ -251,9 +249,8 @@ def _visit(name: str, fn: Callable[[], T]) -> T:
     """``fn()`` run on the calling thread while it visits the namespace ``name``; the
     thread is back home before this returns.
 
-    On the event loop's thread, only for ``fn`` that make sockets or write a sysctl (a
-    socket stays in the namespace it was made in, a sysctl file is that of the namespace
-    it was opened in) and cannot block: the loop does not run meanwhile, and
+    On the event loop's thread, only for ``fn`` that make sockets (a socket stays in the
+    namespace it was made in) and cannot block: the loop does not run meanwhile, and
     the gateway's signal handlers only wake it (``loop.add_signal_handler``). A few
     system calls, where a thread of its own (:func:`_in_netns`) costs a creation and
     two hand-offs, which was a tenth of a wire's CPU."""
@@ -547,31 +544,6 @@ class Rtnl(NetlinkSession):
         index = await self.index(ifname)
         master_index = await self.index(master) if master is not None else None
         return nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index)
-
-    def disable_ipv6(self, ifname: str) -> None:
-        """IPv6 off on ``ifname``, before it goes up, for a link that carries none.
-
-        Up with IPv6 on, even without addresses, a link gets a multicast route in the
-        namespace's local table, and the kernel keeps those of all links on one list,
-        walked to add one: each new link costs time in proportion to the links there
-        are. Where IPv6 or the setting is missing, nothing is done."""
-        check_ifname(ifname)
-        path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
-
-        def write() -> None:
-            # A sysctl belongs to the namespace its file is opened in.
-            try:
-                with open(path, "w") as f:
-                    f.write("1")
-            except FileNotFoundError:
-                pass  # no IPv6 in this kernel or namespace: nothing to turn off
-            except OSError as exc:
-                log.debug("cannot turn IPv6 off on %s in %s: %s", ifname, self.where, exc)
-
-        if self.netns is None:
-            write()
-        else:
-            _visit(self.netns, write)
 
     async def no_ipv6_autoconf_request(self, ifname: str) -> nl.Request:
         return nl.no_ipv6_autoconf(await self.index(ifname), ifname)

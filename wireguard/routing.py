@@ -500,12 +500,12 @@ def plan_wire(
     ]
     if isinstance(wire, EndpointWire):
         objects += [policy.route(dst, table, dev=veth, via=own.ip) for dst in wire.routes]
-    families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
     if key[0] == "connection":
         # Only the IP versions the connection has: packets of the other one that are
         # marked for its table find no rule, and the bucket's or the range's blackhole
         # drops them. Half the rules and routes of an IPv4-only connection, and the
         # kernel walks the rules of a version in a list when it inserts one.
+        families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
         objects += [*policy.table_rules(table, families), *policy.defaults(table, families)]
     if wire.peer is not None:
         tunnel = naming.tunnel(wire.peer)
@@ -525,7 +525,6 @@ def plan_wire(
         address=own,
         next_hop=other.ip,
         routes=wire.routes if isinstance(wire, ClientWire) else (),
-        ipv6=6 in families,
     )
     return WirePlan(
         wire=wire,

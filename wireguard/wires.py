@@ -235,9 +235,6 @@ class WorkloadEnd:
     address: Interface
     next_hop: Address
     routes: tuple[Network, ...]
-    ipv6: bool = True
-    """Whether the wire carries IPv6 (its addresses, or a route of either end); if not,
-    IPv6 is off on both ends (see :meth:`wireguard.netns.Rtnl.disable_ipv6`)."""
 
     def route(self, dst: Network, protocol: int) -> Route:
         return Route(dst, dev=self.name, via=self.next_hop, protocol=protocol)
@@ -252,8 +249,6 @@ async def configure_workload_end(
 ) -> None:
     """Give a new workload end (made down, with its MTU) its address, neighbour and
     routes, and bring it up: one batch. ``index``: the end's index, when known."""
-    if not end.ipv6:
-        rtnl.disable_ipv6(end.name)
     with rtnl.remembering_indexes():
         if index is not None:
             rtnl.remember(end.name, index)
