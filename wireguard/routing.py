@@ -397,15 +397,18 @@ class Policy:
         ]
 
     def route(self, dst: Network, table: int, **kwargs: object) -> Route:
+        # The kernel keeps IPv4 routes with the same attributes (type, protocol, metric,
+        # devices) in one hash chain, whatever their table, and walks it to add one.
+        # Every table has an unreachable default, and every served connection's a route
+        # through its tunnel: each new table cost time in proportion to the tables there
+        # are. The table's number as the metric keeps the chains short.
+        if dst.version == 4:
+            kwargs.setdefault("metric", table)
         return Route(dst, table, protocol=self.protocol, **kwargs)  # type: ignore[arg-type]
 
     def defaults(self, table: int, families: Families = BOTH) -> list[Route]:
-        # The kernel keeps IPv4 routes with the same attributes (type, protocol, metric,
-        # devices) in one hash chain, whatever their table, and walks it to add one: with
-        # a default like every other table's, each new table cost time in proportion to
-        # the tables there are. The table's number as the metric keeps the chains short.
         return [
-            self.route(dst, table, kind="unreachable", metric=table if dst.version == 4 else 0)
+            self.route(dst, table, kind="unreachable")
             for dst in DEFAULTS
             if dst.version in families
         ]

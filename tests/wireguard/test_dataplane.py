@@ -518,9 +518,9 @@ async def test_each_table_has_its_own_metric_and_reconciliation_drops_an_older_d
     dlab: DataplaneLab,
 ) -> None:
     """The kernel walks one hash chain for IPv4 routes alike but for their table: every
-    table's unreachable default has the table's number as its metric, so that adding
-    one costs the same at any number of tables. A default without it (an older
-    layout's) sits beside it until reconciliation removes it."""
+    IPv4 route of a table, its unreachable default included, has the table's number as
+    its metric, so that adding one costs the same at any number of tables. A default
+    without it (an older layout's) sits beside it until reconciliation removes it."""
     p = await two_domains(dlab)
     cw, ew = p.wires()
     await p.attach(cw, ew)
@@ -529,8 +529,9 @@ async def test_each_table_has_its_own_metric_and_reconciliation_drops_an_older_d
     tables = re.findall(r"lookup (\d+)", v4)
     assert len(tables) == 2, tables  # the tunnel's table, and the connection's
     for table in tables:
-        routes = await run("ip", "-4", "-n", ns, "route", "show", "table", table)
-        assert f"unreachable default proto 147 metric {table}" in _lines(routes)
+        shown = _lines(await run("ip", "-4", "-n", ns, "route", "show", "table", table))
+        assert f"unreachable default proto 147 metric {table}" in shown
+        assert all(re.search(rf"\bmetric {table}\b", r) for r in shown), shown
     table = tables[-1]
     await run("ip", "-4", "-n", ns, "route", "add", "unreachable", "default", "table", table)
     _, want_b = desired(p, (cw, ew))

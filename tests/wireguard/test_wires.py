@@ -242,7 +242,7 @@ def test_a_tables_rules_sit_behind_its_buckets() -> None:
 
 def unreachable(table: int, families: tuple[int, ...] = (4, 6)) -> set[Route]:
     defaults = {4: "0.0.0.0/0", 6: "::/0"}
-    # IPv4's has the table's number as its metric (see Policy.defaults).
+    # IPv4's has the table's number as its metric (see Policy.route).
     return {
         Route(net(defaults[f]), table, kind="unreachable", metric=table if f == 4 else 0)
         for f in families
@@ -281,9 +281,10 @@ def test_a_client_wire_routes_through_its_peers_table() -> None:
         set(p.objects)
         == {
             Neighbour(veth, C.ip, NAMING.mac("conn-1", "client", "workload")),
-            Route(net("172.16.1.1/32"), t_peer, dev=veth),
-            Route(net("172.16.1.0/32"), t_peer, dev=tunnel),
-            Route(OFFERED, t_peer, dev=tunnel),
+            # IPv4 routes have their table's number as their metric (Policy.route).
+            Route(net("172.16.1.1/32"), t_peer, dev=veth, metric=t_peer),
+            Route(net("172.16.1.0/32"), t_peer, dev=tunnel, metric=t_peer),
+            Route(OFFERED, t_peer, dev=tunnel, metric=t_peer),
             Mark(veth, None, mark(t_peer)),
             Allowed("b.example", net("172.16.1.0/32")),
             Allowed("b.example", OFFERED),
@@ -317,9 +318,9 @@ def test_an_endpoint_wire_gets_a_table_chosen_by_the_clients_source() -> None:
     assert set(p.objects) == (
         {
             Neighbour(veth, E.ip, NAMING.mac("conn-1", "endpoint", "workload")),
-            Route(net("172.16.1.0/32"), t_conn, dev=veth),
-            Route(OFFERED, t_conn, dev=veth, via=E.ip),
-            Route(net("172.16.1.1/32"), t_conn, dev=tunnel),
+            Route(net("172.16.1.0/32"), t_conn, dev=veth, metric=t_conn),
+            Route(OFFERED, t_conn, dev=veth, via=E.ip, metric=t_conn),
+            Route(net("172.16.1.1/32"), t_conn, dev=tunnel, metric=t_conn),
             Mark(tunnel, C.ip, mark(t_conn)),
             Mark(veth, None, mark(t_conn)),
             Allowed("a.example", net("172.16.1.1/32")),
