@@ -247,11 +247,11 @@ def describe(obj: GatewayObject) -> str:
     if isinstance(obj, Mark):
         return describe_mark(obj)
     if isinstance(obj, Route):
+        metric = f" metric {obj.metric}" if obj.metric else ""
         if obj.kind != "unicast":
-            metric = f" metric {obj.metric}" if obj.metric else ""
             return f"route {obj.kind} {obj.dst} table {obj.table}{metric}"
         via = f" via {obj.via}" if obj.via else ""
-        return f"route {obj.dst}{via} dev {obj.dev} table {obj.table}"
+        return f"route {obj.dst}{via} dev {obj.dev} table {obj.table}{metric}"
     if isinstance(obj, Neighbour):
         return f"neighbour {obj.address} lladdr {obj.mac} dev {obj.dev}"
     return f"allowed IP {obj.prefix} of peer {obj.domain}"
