@@ -351,6 +351,8 @@ class Lab:
             "--bundle-listen", f"0.0.0.0:{BUNDLE_PORT}",
             "--advertise", str(c.public_address.ip),
             "--interface-prefix", layout.interface_prefix(c.index),
+            # The node's namespace is the gateway's alone once its uplink is made.
+            "--ipv6-as-needed",
             *(["--behind-nat"] if c.nat else []),
             *self.gateway_args,
         ]  # fmt: skip

@@ -109,6 +109,7 @@ class Gateway:
                 settings = DataplaneSettings(
                     prefix=s.interface_prefix,
                     mss_clamping=s.mss_clamping,
+                    ipv6_as_needed=s.ipv6_as_needed,
                     mark_mask=s.mark_mask,
                     link_group=s.link_group,
                 )

@@ -191,6 +191,12 @@ class GatewaySettings(BaseSettings):
         180.0, ge=5, description="a tunnel whose last handshake is older is considered down"
     )
     mss_clamping: bool = Field(False, description="clamp TCP MSS on the tunnels (nftables)")
+    ipv6_as_needed: bool = Field(
+        False,
+        description="links made in the gateway's namespace start without IPv6; fedgw turns "
+        "it on for its tunnels and for wires that carry IPv6. Saves kernel work that grows "
+        "with the links there; for a namespace where nothing else makes links",
+    )
     mark_mask: Annotated[int, BeforeValidator(_int_or_hex)] = Field(
         DataplaneSettings.model_fields["mark_mask"].default,
         description="packet-mark bits the data plane sets on what arrives from its wires "

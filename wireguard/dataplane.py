@@ -78,6 +78,7 @@ _DELETING_AT_ONCE = 16
 """Veth pairs deleted side by side when they cannot be deleted as a group (a socket and
 a worker thread each)."""
 _ATTACH_AT_ONCE = 32
+_DEFAULT_DISABLE_IPV6 = "/proc/sys/net/ipv6/conf/default/disable_ipv6"
 """Wires attached together at most (:meth:`Dataplane._attach_group`)."""
 
 WIREGUARD_OVERHEAD = 80
@@ -118,6 +119,13 @@ class DataplaneSettings(BaseModel):
         description="turn the reverse-path filter off in the gateway namespace: it looks "
         "sources up without fedgw's marks, so it cannot see per-peer tables; "
         "WireGuard's allowed IPs and fedgw's nftables source check do it instead",
+    )
+    ipv6_as_needed: bool = Field(
+        False,
+        description="links made in the gateway namespace start with IPv6 off (its "
+        "default disable_ipv6); fedgw turns it on for its tunnels and for the wires that "
+        "carry IPv6. For a namespace where only fedgw makes links: others' would start "
+        "without IPv6 too",
     )
     table_base: int = Field(100_000, ge=1, description="first routing table fedgw uses")
     table_count: int = Field(100_000, ge=16, description="how many tables fedgw may use")
@@ -341,6 +349,9 @@ class Dataplane:
         # _rewrite_allowed_soon), and the tasks doing it.
         self._rewrites: dict[str, asyncio.Future[None]] = {}
         self._rewriting: set[asyncio.Task[None]] = set()
+        # Whether links start without IPv6 in the gateway namespace (ipv6_as_needed, or
+        # its administrator): fedgw's own that carry IPv6 then need it turned on.
+        self._born_without_ipv6 = False
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -395,32 +406,39 @@ class Dataplane:
     def _ref(self, ifname: str) -> InterfaceRef:
         return InterfaceRef(ifname, self.settings.netns)
 
-    async def _sysctl(self, key: str, value: str) -> bool:
-        """Set a sysctl of the gateway namespace; False if it had that value already or
-        does not exist there (IPv6 turned off)."""
-        path = Path("/proc/sys", *key.split("."))
+    async def _sysctls(self, wanted: dict[str, str]) -> tuple[list[str], bool]:
+        """Set sysctls of the gateway namespace (those missing there, IPv6 being off, are
+        left alone): what changed, and whether links start without IPv6."""
 
-        def write() -> bool:
+        def sync() -> tuple[list[str], bool]:
+            changes = []
+            for key, value in wanted.items():
+                path = Path("/proc/sys", *key.split("."))
+                with contextlib.suppress(FileNotFoundError):
+                    if path.read_text().strip() != value:
+                        path.write_text(value)
+                        changes.append(f"sysctl {key}={value}")
             try:
-                if path.read_text().strip() == value:
-                    return False
-                path.write_text(value)
+                born_without = Path(_DEFAULT_DISABLE_IPV6).read_text().strip() == "1"
             except FileNotFoundError:
-                return False
-            return True
+                born_without = False  # no IPv6 at all: nothing to turn on
+            return changes, born_without
 
         if self.settings.netns is None:
-            return await asyncio.to_thread(write)
-        return await in_netns(self.settings.netns, write)
+            return await asyncio.to_thread(sync)
+        return await in_netns(self.settings.netns, sync)
 
     async def _prepare(self) -> list[str]:
-        changes = []
         wanted = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1"}
         if self.settings.disable_rp_filter:
             wanted |= {"net.ipv4.conf.all.rp_filter": "0", "net.ipv4.conf.default.rp_filter": "0"}
-        for key, value in wanted.items():
-            if await self._sysctl(key, value):
-                changes.append(f"sysctl {key}={value}")
+        if self.settings.ipv6_as_needed:
+            # Up with IPv6 on, even with no address, a link costs the kernel work that
+            # grows with the links already there: a multicast route added by walking the
+            # list of all of them, and a walk of every IPv6 route at each carrier change,
+            # both under the lock all netlink changes share; and MLD reports.
+            wanted["net.ipv6.conf.default.disable_ipv6"] = "1"
+        changes, self._born_without_ipv6 = await self._sysctls(wanted)
         # Written every time, in one transaction that keeps the maps' elements: cheaper
         # than comparing, and it repairs whatever else changed the chains.
         netns, naming = self.settings.netns, self.naming
@@ -467,8 +485,12 @@ class Dataplane:
         with contextlib.suppress(DataplaneError):
             before = await self.driver.state(ref)
         state = await self.driver.ensure_interface(self._interface_spec(tunnel))
+        # A tunnel carries whatever its wires do; it is one link per peer.
+        ipv6_on = self._born_without_ipv6 and self.rtnl.set_ipv6(ref.name, on=True)
         if before is None:
             return [f"tunnel {ref.name} to {tunnel.peer.domain}"]
+        if ipv6_on:
+            return [f"tunnel {ref.name}: IPv6 on"]
         if (before.public_key, before.listen_port) != (state.public_key, state.listen_port):
             return [f"tunnel {ref.name} reconfigured"]
         return []
@@ -802,7 +824,7 @@ class Dataplane:
                     # wire's shares belong to the others now.
                     objects = [o for p in planned for o in p.new if model.ledger.holds(o)]
                     try:
-                        await self._apply(objects, bring_up=[p.plan.veth for p in group])
+                        await self._apply(objects, bring_up=[p.plan for p in group])
                     except Exception as exc:
                         self._tunnel_indexes.clear()
                         if len(group) == 1:
@@ -864,9 +886,14 @@ class Dataplane:
         # A rollback must finish even when the operation was cancelled.
         await asyncio.shield(coro)
 
+    def _ipv6_at_gateway_end(self, plan: WirePlan) -> bool:
+        return plan.ipv6 or not self._born_without_ipv6
+
     async def _create_veth(self, plan: WirePlan) -> None:
         """The wire's veth pair, both ends down, the workload's end configured and up;
-        the gateway's end is brought up by :meth:`_apply`."""
+        the gateway's end is brought up by :meth:`_apply`. The workload's end has IPv6
+        as its namespace gives it; the gateway's, only if the wire carries IPv6 where
+        links start without it."""
         end = plan.workload_end
         if (dying := self._dying.get(plan.veth)) is not None:
             await dying.wait()  # the same wire, detached a moment ago
@@ -892,6 +919,8 @@ class Dataplane:
                     f"in {end.netns} already"
                 ) from exc
         try:
+            if plan.ipv6 and self._born_without_ipv6:
+                self.rtnl.set_ipv6(plan.veth, on=True)
             async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:
@@ -957,7 +986,7 @@ class Dataplane:
     # --- gateway objects --------------------------------------------------------------------
 
     async def _apply(
-        self, objects: Iterable[GatewayObject], *, bring_up: Sequence[str] = ()
+        self, objects: Iterable[GatewayObject], *, bring_up: Sequence[WirePlan] = ()
     ) -> None:
         """Create objects in an order that opens the path last: the links ``bring_up``
         (new wires' gateway ends), neighbours and routes, then allowed IPs, then the
@@ -966,7 +995,7 @@ class Dataplane:
         objs = list(objects)
         rtnl = self.rtnl
         with rtnl.remembering_indexes():
-            first = [r for veth in bring_up for r in await self._up_requests(veth)]
+            first = [r for plan in bring_up for r in await self._up_requests(plan)]
             first += [await rtnl.neighbour_request(n) for n in objs if isinstance(n, Neighbour)]
             first += [await rtnl.route_request(r) for r in objs if isinstance(r, Route)]
             await rtnl.batch(first)
@@ -974,12 +1003,14 @@ class Dataplane:
         await rtnl.batch([rtnl.rule_request(r) for r in objs if isinstance(r, Rule)])
         await self.nft.add(m for m in objs if isinstance(m, Mark))
 
-    async def _up_requests(self, veth: str) -> list[nl.Request]:
-        """Bringing a new wire's gateway end up, with no IPv6 autoconfiguration."""
-        return [
-            await self.rtnl.no_ipv6_autoconf_request(veth),
-            await self.rtnl.link_request(veth, up=True),
-        ]
+    async def _up_requests(self, plan: WirePlan) -> list[nl.Request]:
+        """Bringing a new wire's gateway end up, with no IPv6 autoconfiguration (where
+        it has IPv6 at all: the request is a change of the link that all listeners in the
+        namespace hear of, wireguard-go's too)."""
+        up = await self.rtnl.link_request(plan.veth, up=True)
+        if not self._ipv6_at_gateway_end(plan):
+            return [up]
+        return [await self.rtnl.no_ipv6_autoconf_request(plan.veth), up]
 
     async def _remove(
         self,
@@ -1333,13 +1364,19 @@ class _Reconciliation:
                             if link.mtu != plan.mtu or not link.up:
                                 await rtnl.set_link(plan.veth, mtu=plan.mtu, up=True)
                                 self.change(f"link {plan.veth}: mtu {plan.mtu}, up")
+                            if (
+                                plan.ipv6
+                                and self.dp._born_without_ipv6
+                                and rtnl.set_ipv6(plan.veth, on=True)
+                            ):
+                                self.change(f"link {plan.veth}: IPv6 on")
                             for change in await repair_workload_end(
                                 session, end, protocol, snapshot
                             ):
                                 self.change(change)
                     if not ours:
                         await self.dp._create_veth(plan)
-                        await rtnl.batch(await self.dp._up_requests(plan.veth))
+                        await rtnl.batch(await self.dp._up_requests(plan))
                         self.change(f"wire {plan.veth} <-> {end.name} in {end.netns}")
                 except DataplaneError as exc:
                     self.fail(what, exc)

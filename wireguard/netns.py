@@ -249,8 +249,9 @@ def _visit(name: str, fn: Callable[[], T]) -> T:
     """``fn()`` run on the calling thread while it visits the namespace ``name``; the
     thread is back home before this returns.
 
-    On the event loop's thread, only for ``fn`` that make sockets (a socket stays in the
-    namespace it was made in) and cannot block: the loop does not run meanwhile, and
+    On the event loop's thread, only for ``fn`` that make sockets or touch a sysctl (a
+    socket stays in the namespace it was made in, a sysctl file is that of the namespace
+    it was opened in) and cannot block: the loop does not run meanwhile, and
     the gateway's signal handlers only wake it (``loop.add_signal_handler``). A few
     system calls, where a thread of its own (:func:`_in_netns`) costs a creation and
     two hand-offs, which was a tenth of a wire's CPU."""
@@ -544,6 +545,24 @@ class Rtnl(NetlinkSession):
         index = await self.index(ifname)
         master_index = await self.index(master) if master is not None else None
         return nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index)
+
+    def set_ipv6(self, ifname: str, *, on: bool) -> bool:
+        """Turn IPv6 on or off on ``ifname``; whether that changed anything. Where the
+        link, or IPv6 itself, is missing, nothing is done."""
+        check_ifname(ifname)
+        path = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
+        value = "0" if on else "1"
+
+        def write() -> bool:
+            try:
+                if path.read_text().strip() == value:
+                    return False
+                path.write_text(value)
+            except FileNotFoundError:
+                return False
+            return True
+
+        return write() if self.netns is None else _visit(self.netns, write)
 
     async def no_ipv6_autoconf_request(self, ifname: str) -> nl.Request:
         return nl.no_ipv6_autoconf(await self.index(ifname), ifname)

@@ -462,6 +462,8 @@ class WirePlan:
     workload_end: WorkloadEnd
     objects: tuple[GatewayObject, ...]
     table: TableKey
+    ipv6: bool
+    """Whether the wire carries IPv6: its addresses, or what an end offers."""
 
 
 def wire_table(wire: Wire) -> TableKey:
@@ -503,12 +505,12 @@ def plan_wire(
     ]
     if isinstance(wire, EndpointWire):
         objects += [policy.route(dst, table, dev=veth, via=own.ip) for dst in wire.routes]
+    families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
     if key[0] == "connection":
         # Only the IP versions the connection has: packets of the other one that are
         # marked for its table find no rule, and the bucket's or the range's blackhole
         # drops them. Half the rules and routes of an IPv4-only connection, and the
         # kernel walks the rules of a version in a list when it inserts one.
-        families = tuple(sorted({own.version, *(dst.version for dst in wire.routes)}))
         objects += [*policy.table_rules(table, families), *policy.defaults(table, families)]
     if wire.peer is not None:
         tunnel = naming.tunnel(wire.peer)
@@ -537,4 +539,5 @@ def plan_wire(
         workload_end=end,
         objects=tuple(objects),
         table=key,
+        ipv6=6 in families,
     )

@@ -91,6 +91,14 @@ def serve_command(
         bool | None,
         typer.Option("--mss-clamping/--no-mss-clamping", help="Clamp TCP MSS on the tunnels."),
     ] = None,
+    ipv6_as_needed: Annotated[
+        bool | None,
+        typer.Option(
+            "--ipv6-as-needed/--ipv6-everywhere",
+            help="New links in the gateway's namespace start without IPv6; fedgw turns it on "
+            "where its links carry IPv6. Only where nothing else makes links there.",
+        ),
+    ] = None,
     connection_lease: Annotated[
         str | None, typer.Option(help="Lease of connections served here [60s].")
     ] = None,
@@ -131,6 +139,7 @@ def serve_command(
         behind_nat=behind_nat,
         connection_lease=connection_lease,
         mss_clamping=mss_clamping,
+        ipv6_as_needed=ipv6_as_needed,
         exclude_prefixes=exclude_prefix or None,
     )
     # Imported here: the server stack (FastAPI, uvicorn) would slow every other command.

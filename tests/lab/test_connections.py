@@ -160,6 +160,16 @@ async def test_request_ping_and_http_across_domains(lab: Lab) -> None:
     (tunnel,) = status["dataplane"]["tunnels"]
     assert tunnel["domain"] == "cluster2"
     assert tunnel["last_handshake"] is not None
+    # The node's namespace is the gateway's alone once its uplink is made: the lab runs
+    # gateways with --ipv6-as-needed. Links made since (the tunnel, the IPv4 wire's end)
+    # start without IPv6, the gateway turns it on for the tunnel; the uplink keeps it.
+    _, out, _ = await lab.run("cluster1", "ip", "-j", "link", "show", "type", "veth")
+    (wire_end,) = {link["ifname"] for link in json.loads(out)} - {"uplink"}
+    ipv6_off = [
+        (await lab.run("cluster1", "sysctl", "-n", f"net.ipv6.conf.{link}.disable_ipv6"))[1]
+        for link in ("default", "uplink", tunnel["interface"], wire_end)
+    ]
+    assert ipv6_off == ["1\n", "0\n", "0\n", "1\n"]
     # close removes both sides
     await lab.run("cluster1", "fedgw", "close", conn["id"])
     assert await fedgw(lab, "cluster1", "connections") == []

@@ -49,11 +49,13 @@ from wireguard.netns import (
     Rule,
     create_netns,
     delete_netns,
+    get_sysctl,
     in_netns,
     kill_netns_processes,
     netns_exists,
     netns_pids,
     run,
+    set_sysctl,
 )
 from wireguard.nftables import Mark, Nft
 from wireguard.wires import ClientWire, EndpointWire, PeerTunnel, process_start_ticks
@@ -1315,6 +1317,51 @@ async def test_an_ipv6_wire_over_an_ipv4_underlay(dlab: DataplaneLab) -> None:
     assert peer.allowed_ips == ["fd00:16::/128", "fd60::/64"]
     # 1420 - 40 (IPv6 header) - 8 (ICMPv6 header) fits exactly.
     assert await ping(p.client, "fd60::1", count=1, size=1420 - 48, df=True) == (1, 1)
+
+
+async def test_with_ipv6_as_needed_only_links_that_carry_ipv6_have_it(
+    dlab: DataplaneLab,
+) -> None:
+    """Links made in the gateway namespace start without IPv6: an IPv4 wire's gateway
+    end has none (no multicast route), while the tunnels and an IPv6 wire's end have it
+    turned on, and reconciliation turns it on again where it went missing."""
+    p = await two_domains(dlab, ipv6_as_needed=True)
+    async with Rtnl(p.endpoint) as rtnl:
+        await rtnl.add_address("lo", "fd60::1/128")
+    cw, ew = p.wires()
+    await p.attach(cw, ew)
+    e_addr = ipaddress.ip_interface("fd00:16::/127")
+    c_addr = ipaddress.ip_interface("fd00:16::1/127")
+    offered = ipaddress.ip_network("fd60::/64")
+    v6 = ClientWire("v6", "b", Workload(netns=p.client), "nsm1", c_addr, e_addr, (offered,))
+    await p.b.dataplane.attach_endpoint(
+        EndpointWire("v6", "a", Workload(netns=p.endpoint), "nsm1", e_addr, c_addr, (offered,))
+    )
+    await p.a.dataplane.attach_client(v6)
+
+    async def ipv6_off(ns: str, link: str) -> bool:
+        return await get_sysctl(ns, f"net.ipv6.conf.{link}.disable_ipv6") == "1"
+
+    naming = p.a.dataplane.naming
+    v4_end, v6_end = naming.veth(cw.connection_id, "client"), naming.veth("v6", "client")
+    [peer] = (await p.a.dataplane.state()).peers
+    assert await get_sysctl(p.a.netns, "net.ipv6.conf.default.disable_ipv6") == "1"
+    assert await ipv6_off(p.a.netns, v4_end)
+    assert not await ipv6_off(p.a.netns, v6_end)
+    assert not await ipv6_off(p.a.netns, peer.interface)
+    local6 = await run("ip", "-6", "-n", p.a.netns, "route", "show", "table", "local")
+    assert v6_end in local6 and v4_end not in local6
+    assert await ping(p.client, SERVICE_ADDRESS) == (3, 3)
+    assert await ping(p.client, "fd60::1") == (3, 3)
+    assert await ping(p.endpoint, "fd00:16::1") == (3, 3)
+
+    await set_sysctl(p.a.netns, f"net.ipv6.conf.{v6_end}.disable_ipv6", "1")
+    assert await ping(p.client, "fd60::1", count=1) == (1, 0)
+    report = await p.a.dataplane.reconcile(DesiredState(peers=[p.a.tunnel_to(p.b)], wires=[cw, v6]))
+    # Turned off, IPv6 took the link's IPv6 neighbour and route along: both come back.
+    assert report.changes[0] == f"link {v6_end}: IPv6 on"
+    assert [c.split()[0] for c in report.changes[1:]] == ["neighbour", "route"]
+    assert await ping(p.client, "fd60::1") == (3, 3)
 
 
 async def test_a_peer_behind_nat_is_found_by_its_keepalives(dlab: DataplaneLab) -> None:
