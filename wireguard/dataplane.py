@@ -78,8 +78,8 @@ _DELETING_AT_ONCE = 16
 """Veth pairs deleted side by side when they cannot be deleted as a group (a socket and
 a worker thread each)."""
 _ATTACH_AT_ONCE = 32
-_DEFAULT_DISABLE_IPV6 = "/proc/sys/net/ipv6/conf/default/disable_ipv6"
 """Wires attached together at most (:meth:`Dataplane._attach_group`)."""
+_DEFAULT_DISABLE_IPV6 = "/proc/sys/net/ipv6/conf/default/disable_ipv6"
 
 WIREGUARD_OVERHEAD = 80
 """IPv6 (40) + UDP (8) + WireGuard (32): what a tunnel takes off the underlay's MTU."""
@@ -486,7 +486,7 @@ class Dataplane:
             before = await self.driver.state(ref)
         state = await self.driver.ensure_interface(self._interface_spec(tunnel))
         # A tunnel carries whatever its wires do; it is one link per peer.
-        ipv6_on = self._born_without_ipv6 and self.rtnl.set_ipv6(ref.name, on=True)
+        ipv6_on = self._born_without_ipv6 and self.rtnl.enable_ipv6(ref.name)
         if before is None:
             return [f"tunnel {ref.name} to {tunnel.peer.domain}"]
         if ipv6_on:
@@ -920,7 +920,7 @@ class Dataplane:
                 ) from exc
         try:
             if plan.ipv6 and self._born_without_ipv6:
-                self.rtnl.set_ipv6(plan.veth, on=True)
+                self.rtnl.enable_ipv6(plan.veth)
             async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:
@@ -1367,7 +1367,7 @@ class _Reconciliation:
                             if (
                                 plan.ipv6
                                 and self.dp._born_without_ipv6
-                                and rtnl.set_ipv6(plan.veth, on=True)
+                                and rtnl.enable_ipv6(plan.veth)
                             ):
                                 self.change(f"link {plan.veth}: IPv6 on")
                             for change in await repair_workload_end(

@@ -546,18 +546,17 @@ class Rtnl(NetlinkSession):
         master_index = await self.index(master) if master is not None else None
         return nl.set_link(index, ifname, up=up, mtu=mtu, master=master_index)
 
-    def set_ipv6(self, ifname: str, *, on: bool) -> bool:
-        """Turn IPv6 on or off on ``ifname``; whether that changed anything. Where the
-        link, or IPv6 itself, is missing, nothing is done."""
+    def enable_ipv6(self, ifname: str) -> bool:
+        """Turn IPv6 on on ``ifname`` (made where links start without it); whether it was
+        off. Where the link, or IPv6 itself, is missing, nothing is done."""
         check_ifname(ifname)
         path = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-        value = "0" if on else "1"
 
         def write() -> bool:
             try:
-                if path.read_text().strip() == value:
+                if path.read_text().strip() == "0":
                     return False
-                path.write_text(value)
+                path.write_text("0")
             except FileNotFoundError:
                 return False
             return True
