@@ -94,7 +94,7 @@ def serve_command(
     ipv6_as_needed: Annotated[
         bool | None,
         typer.Option(
-            "--ipv6-as-needed/--ipv6-everywhere",
+            "--ipv6-as-needed/--no-ipv6-as-needed",
             help="New links in the gateway's namespace start without IPv6; fedgw turns it on "
             "where its links carry IPv6. Only where nothing else makes links there.",
         ),
