@@ -1319,13 +1319,21 @@ async def test_an_ipv6_wire_over_an_ipv4_underlay(dlab: DataplaneLab) -> None:
     assert await ping(p.client, "fd60::1", count=1, size=1420 - 48, df=True) == (1, 1)
 
 
-async def test_with_ipv6_as_needed_only_links_that_carry_ipv6_have_it(
-    dlab: DataplaneLab,
+@pytest.mark.parametrize("by", ["ipv6_as_needed", "administrator"])
+async def test_where_links_start_without_ipv6_only_those_that_carry_it_have_it(
+    dlab: DataplaneLab, by: str
 ) -> None:
-    """Links made in the gateway namespace start without IPv6: an IPv4 wire's gateway
-    end has none (no multicast route), while the tunnels and an IPv6 wire's end have it
-    turned on, and reconciliation turns it on again where it went missing."""
-    p = await two_domains(dlab, ipv6_as_needed=True)
+    """Links made in the gateway namespace start without IPv6, as the gateway asked
+    (ipv6_as_needed) or its administrator did: an IPv4 wire's gateway end has none (no
+    multicast route), while the tunnels and an IPv6 wire's end have it turned on, and
+    reconciliation turns it on again where it went missing."""
+    if by == "ipv6_as_needed":
+        p = await two_domains(dlab, ipv6_as_needed=True)
+    else:
+        p = await two_domains(dlab, peered=False)
+        await set_sysctl(p.a.netns, "net.ipv6.conf.default.disable_ipv6", "1")
+        await p.a.dataplane.reconcile(DesiredState())  # as a gateway's start does
+        await dlab.peer(p.a, p.b)
     async with Rtnl(p.endpoint) as rtnl:
         await rtnl.add_address("lo", "fd60::1/128")
     cw, ew = p.wires()
