@@ -889,6 +889,11 @@ class Dataplane:
     def _ipv6_at_gateway_end(self, plan: WirePlan) -> bool:
         return plan.ipv6 or not self._born_without_ipv6
 
+    def _turn_ipv6_on(self, plan: WirePlan) -> bool:
+        """IPv6 on at the wire's gateway end if it carries IPv6 where links start
+        without it; whether it was off."""
+        return plan.ipv6 and self._born_without_ipv6 and self.rtnl.enable_ipv6(plan.veth)
+
     async def _create_veth(self, plan: WirePlan) -> None:
         """The wire's veth pair, both ends down, the workload's end configured and up;
         the gateway's end is brought up by :meth:`_apply`. The workload's end has IPv6
@@ -919,8 +924,7 @@ class Dataplane:
                     f"in {end.netns} already"
                 ) from exc
         try:
-            if plan.ipv6 and self._born_without_ipv6:
-                self.rtnl.enable_ipv6(plan.veth)
+            self._turn_ipv6_on(plan)
             async with Rtnl(end.netns) as rtnl:
                 await configure_workload_end(rtnl, end, self.policy.protocol, link.peer_index)
         except BaseException:
@@ -1364,11 +1368,7 @@ class _Reconciliation:
                             if link.mtu != plan.mtu or not link.up:
                                 await rtnl.set_link(plan.veth, mtu=plan.mtu, up=True)
                                 self.change(f"link {plan.veth}: mtu {plan.mtu}, up")
-                            if (
-                                plan.ipv6
-                                and self.dp._born_without_ipv6
-                                and rtnl.enable_ipv6(plan.veth)
-                            ):
+                            if self.dp._turn_ipv6_on(plan):
                                 self.change(f"link {plan.veth}: IPv6 on")
                             for change in await repair_workload_end(
                                 session, end, protocol, snapshot

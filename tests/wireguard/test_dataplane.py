@@ -1298,19 +1298,25 @@ async def test_mss_clamping_lets_larger_workload_mtus_through(dlab: DataplaneLab
     await tcp_transfer(p.client, str(CLIENT_ADDRESS.ip), p.endpoint, 2 << 20)
 
 
-async def test_an_ipv6_wire_over_an_ipv4_underlay(dlab: DataplaneLab) -> None:
-    p = await two_domains(dlab)
+async def attach_ipv6_wire(p: Pair, interface: str) -> ClientWire:
+    """Connection ``v6``: fd00:16::1 in the client to fd00:16:: in the endpoint, which
+    offers fd60::/64 (and answers at fd60::1); the client's wire."""
     async with Rtnl(p.endpoint) as rtnl:
         await rtnl.add_address("lo", "fd60::1/128")
     e_addr = ipaddress.ip_interface("fd00:16::/127")
     c_addr = ipaddress.ip_interface("fd00:16::1/127")
     offered = ipaddress.ip_network("fd60::/64")
+    client = ClientWire("v6", "b", Workload(netns=p.client), interface, c_addr, e_addr, (offered,))
     await p.b.dataplane.attach_endpoint(
-        EndpointWire("v6", "a", Workload(netns=p.endpoint), "nsm0", e_addr, c_addr, (offered,))
+        EndpointWire("v6", "a", Workload(netns=p.endpoint), interface, e_addr, c_addr, (offered,))
     )
-    await p.a.dataplane.attach_client(
-        ClientWire("v6", "b", Workload(netns=p.client), "nsm0", c_addr, e_addr, (offered,))
-    )
+    await p.a.dataplane.attach_client(client)
+    return client
+
+
+async def test_an_ipv6_wire_over_an_ipv4_underlay(dlab: DataplaneLab) -> None:
+    p = await two_domains(dlab)
+    await attach_ipv6_wire(p, "nsm0")
     assert await ping(p.client, "fd60::1") == (3, 3)
     assert await ping(p.endpoint, "fd00:16::1") == (3, 3)
     [peer] = (await p.a.dataplane.state()).peers
@@ -1334,18 +1340,9 @@ async def test_where_links_start_without_ipv6_only_those_that_carry_it_have_it(
         await set_sysctl(p.a.netns, "net.ipv6.conf.default.disable_ipv6", "1")
         await p.a.dataplane.reconcile(DesiredState())  # as a gateway's start does
         await dlab.peer(p.a, p.b)
-    async with Rtnl(p.endpoint) as rtnl:
-        await rtnl.add_address("lo", "fd60::1/128")
     cw, ew = p.wires()
     await p.attach(cw, ew)
-    e_addr = ipaddress.ip_interface("fd00:16::/127")
-    c_addr = ipaddress.ip_interface("fd00:16::1/127")
-    offered = ipaddress.ip_network("fd60::/64")
-    v6 = ClientWire("v6", "b", Workload(netns=p.client), "nsm1", c_addr, e_addr, (offered,))
-    await p.b.dataplane.attach_endpoint(
-        EndpointWire("v6", "a", Workload(netns=p.endpoint), "nsm1", e_addr, c_addr, (offered,))
-    )
-    await p.a.dataplane.attach_client(v6)
+    v6 = await attach_ipv6_wire(p, "nsm1")
 
     async def ipv6_off(ns: str, link: str) -> bool:
         return await get_sysctl(ns, f"net.ipv6.conf.{link}.disable_ipv6") == "1"
